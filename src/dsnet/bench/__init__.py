@@ -1,0 +1,1 @@
+"""Parameter, MAC and throughput measurement."""

@@ -1,0 +1,1 @@
+"""The ``dsnet`` console script: thin subcommands over library functions."""

@@ -1,0 +1,50 @@
+"""Entry point of the ``dsnet`` console script.
+
+Every subcommand lives in its own module of :mod:`dsnet.cli` exposing ``register(subparsers)``,
+which adds an ``argparse`` parser whose ``func`` default takes the parsed namespace and returns an exit code.
+Modules import their heavy dependencies inside ``func`` so that ``dsnet --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+#: Subcommand modules, in the order ``dsnet --help`` lists them.
+SUBCOMMANDS: tuple[str, ...] = ("info",)
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as ``dsnet: error: <message>`` without a traceback, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dsnet`` argument parser with every subcommand registered."""
+    from dsnet import __version__
+
+    parser = argparse.ArgumentParser(prog="dsnet", description="Dual-stream vision backbones: train, evaluate, convert.")
+    parser.add_argument("--version", action="version", version=f"dsnet {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"dsnet.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``dsnet`` command line; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, FileNotFoundError, ValueError) as err:
+        print(f"dsnet: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dsnet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""DS-FPN neck and torchvision detector builders (RetinaNet, Mask R-CNN)."""

@@ -1,0 +1,1 @@
+"""Typed run configs, train / evaluate loops, checkpoints and distributed helpers."""

@@ -1,0 +1,1 @@
+"""Small reusable blocks that timm.layers does not have. Never imports dsnet.models."""
