@@ -1,0 +1,158 @@
+"""ONNX export with an onnxruntime parity check.
+
+The export goes through the dynamo-based :func:`torch.onnx.export` with symbolic batch (and, optionally,
+height and width) dimensions. Sizes that a model computes from its input with ``int()`` would be baked into
+the graph as constants; the parity check therefore runs onnxruntime at a second batch size and, for dynamic
+spatial sizes, at a second image size, and compares with PyTorch.
+
+Example:
+    >>> import timm, dsnet
+    >>> from dsnet.export.onnx import export_onnx
+    >>> model = timm.create_model("dsnet_tiny", num_classes=10)
+    >>> report = export_onnx(model, "dsnet_tiny.onnx", image_size=(64, 64))  # doctest: +SKIP
+    >>> report.max_abs_diff < 1e-4  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ParityCheck:
+    """onnxruntime vs PyTorch on one input shape."""
+
+    shape: tuple[int, ...]
+    max_abs_diff: float
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote and measured."""
+
+    path: Path
+    opset: int
+    dynamic_batch: bool
+    dynamic_size: bool
+    checks: list[ParityCheck] = field(default_factory=list)
+
+    @property
+    def max_abs_diff(self) -> float:
+        """Largest absolute difference over every parity check (0.0 when none ran)."""
+        return max((c.max_abs_diff for c in self.checks), default=0.0)
+
+
+def _dynamic_shapes(dynamic_batch: bool, dynamic_size: bool, min_size: int) -> tuple[dict[int, object]] | None:
+    from torch.export import Dim
+
+    dims: dict[int, object] = {}
+    if dynamic_batch:
+        dims[0] = Dim("batch", min=1, max=4096)
+    if dynamic_size:
+        dims[2] = Dim("height", min=min_size, max=8192)
+        dims[3] = Dim("width", min=min_size, max=8192)
+    return (dims,) if dims else None
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    image_size: tuple[int, int] = (224, 224),
+    in_chans: int | None = None,
+    dynamic_batch: bool = True,
+    dynamic_size: bool = False,
+    opset: int = 18,
+    check: bool = True,
+    atol: float = 1e-4,
+    verbose: bool = False,
+) -> ExportReport:
+    """Export ``model`` (in eval mode, on CPU, fp32) to ONNX at ``path`` and check it with onnxruntime.
+
+    Args:
+        model: any image model taking ``(B, C, H, W)``; its ``in_chans`` attribute gives C unless ``in_chans`` is set.
+        path: output ``.onnx`` file; written atomically (temporary file, then rename).
+        image_size: (H, W) of the example input used for tracing.
+        in_chans: input channels; default ``model.in_chans`` or 3.
+        dynamic_batch: make the batch dimension symbolic (the example batch is 2: a batch of 1 would specialize).
+        dynamic_size: make height and width symbolic too (minimum 32).
+        opset: ONNX opset version.
+        check: run onnxruntime at two batch sizes (and a second image size when ``dynamic_size``) and compare.
+        atol: largest accepted absolute difference; above it a :class:`ValueError` reports the figures.
+        verbose: show the exporter's progress output.
+
+    Returns:
+        An :class:`ExportReport` with the parity figures.
+    """
+    path = Path(path)
+    if image_size[0] < 32 or image_size[1] < 32:
+        raise ValueError(f"image_size must be at least 32×32 for export, got {image_size}")
+    chans = in_chans if in_chans is not None else int(getattr(model, "in_chans", 3))
+    model = model.eval().to("cpu", torch.float32)
+    example = torch.randn(2 if dynamic_batch else 1, chans, *image_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+        with torch.no_grad(), sink:
+            torch.onnx.export(
+                model,
+                (example,),
+                tmp_name,
+                dynamo=True,
+                opset_version=opset,
+                input_names=["image"],
+                output_names=["output"],
+                dynamic_shapes=_dynamic_shapes(dynamic_batch, dynamic_size, 32),
+                external_data=False,
+            )
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    report = ExportReport(path=path, opset=opset, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size)
+    if check:
+        shapes = [tuple(example.shape)]
+        if dynamic_batch:
+            shapes.append((3, chans, *image_size))
+        if dynamic_size:
+            shapes.append((1 if not dynamic_batch else 2, chans, image_size[0] + 17, image_size[1] + 9))
+        report.checks = check_onnx(model, path, shapes)
+        if report.max_abs_diff > atol:
+            raise ValueError(
+                f"ONNX export of {type(model).__name__} to {path} differs from PyTorch: "
+                + ", ".join(f"{c.shape}: {c.max_abs_diff:.2e}" for c in report.checks)
+                + f" (tolerance {atol:g})"
+            )
+    return report
+
+
+@torch.no_grad()
+def check_onnx(model: nn.Module, path: str | os.PathLike[str], shapes: list[tuple[int, ...]]) -> list[ParityCheck]:
+    """Run the ONNX file at ``path`` in onnxruntime on random inputs of each shape; compare with ``model``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    model = model.eval()
+    generator = torch.Generator().manual_seed(0)
+    checks = []
+    for shape in shapes:
+        x = torch.randn(shape, generator=generator)
+        expected = model(x)
+        if isinstance(expected, (list, tuple)):
+            expected = expected[0]
+        got = session.run(None, {input_name: x.numpy()})[0]
+        diff = float((expected - torch.from_numpy(got)).abs().max())
+        checks.append(ParityCheck(shape=tuple(shape), max_abs_diff=diff))
+    return checks

@@ -1,0 +1,70 @@
+"""ONNX export of every model family, checked in onnxruntime at other batch and image sizes than traced."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import dsnet  # noqa: F401
+from dsnet.cli.main import main
+from dsnet.export.onnx import check_onnx, export_onnx
+
+FAMILY_SMALLEST = ["dsnet_tiny", "dsnet_tiny_concat", "transxnet_t", "mixformer_b0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILY_SMALLEST)
+def test_export_dynamic_batch_and_size(name, tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=7)
+    report = export_onnx(model, tmp_path / f"{name}.onnx", image_size=(64, 64), dynamic_size=True)
+    shapes = [c.shape for c in report.checks]
+    # traced batch 2, another batch, another (odd) image size: none of them may be baked in
+    assert shapes == [(2, 3, 64, 64), (3, 3, 64, 64), (2, 3, 81, 73)]
+    assert report.max_abs_diff <= 1e-4, report.checks
+    # a size the parity check did not try
+    extra = check_onnx(model, report.path, [(1, 3, 96, 128)])
+    assert extra[0].max_abs_diff <= 1e-4
+
+
+def test_export_reports_a_mismatch(tmp_path):
+    """A model whose ONNX graph disagrees with PyTorch must not pass the check silently."""
+
+    class Drifting(torch.nn.Module):
+        in_chans = 3
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).mean((2, 3))
+
+    model = Drifting()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, image_size=(32, 32), check=False)
+    with torch.no_grad():
+        model.conv.bias.add_(1.0)  # PyTorch now differs from the exported graph
+    checks = check_onnx(model, path, [(2, 3, 32, 32)])
+    assert checks[0].max_abs_diff == pytest.approx(1.0, abs=1e-5)
+
+
+def test_export_rejects_tiny_example(tmp_path):
+    with pytest.raises(ValueError, match="at least 32"):
+        export_onnx(timm.create_model("resnet18"), tmp_path / "x.onnx", image_size=(16, 16))
+
+
+def test_cli_export(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    code = main(["export", "dsnet_tiny", str(out), "--image-size", "64x48", "--num-classes", "5"])
+    assert code == 0
+    assert out.stat().st_size > 1_000_000
+    printed = capsys.readouterr().out
+    assert "max abs diff" in printed and "(3, 3, 64, 48)" in printed
+
+
+def test_cli_export_unknown_model(tmp_path, capsys):
+    code = main(["export", "dsnet_tinny", str(tmp_path / "m.onnx")])
+    assert code == 2
+    assert "unknown model 'dsnet_tinny'" in capsys.readouterr().err
