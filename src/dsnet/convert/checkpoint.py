@@ -1,0 +1,206 @@
+"""Model-independent checkpoint plumbing: read PyTorch checkpoints safely, verify a state dict, write safetensors.
+
+Verification refuses to guess: the converted state dict must have exactly the target's keys, each with exactly
+the target's shape; otherwise :class:`CheckpointMismatchError` lists every missing key, every unexpected key and
+every shape mismatch (both shapes), so that one run tells the whole story.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+__all__ = [
+    "CheckpointMismatchError",
+    "count_parameters",
+    "load_torch_checkpoint",
+    "save_safetensors_atomic",
+    "strip_prefix",
+    "unwrap_state_dict",
+    "verify_state_dict",
+]
+
+#: Entries of a training checkpoint that may hold the model's state dict, in the order they are tried.
+#: (DeiT-style scripts, which the reference DS-Net uses, save ``{"model": ..., "optimizer": ..., "args": ...}``.)
+STATE_DICT_ENTRIES: tuple[str, ...] = ("model", "state_dict", "model_state_dict")
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict does not fit the target model (keys or shapes); the message lists every difference."""
+
+
+def _shape(t: object) -> tuple[int, ...]:
+    return tuple(t.shape)  # type: ignore[attr-defined]
+
+
+def _listing(title: str, items: Sequence[str], limit: int) -> str:
+    shown = "\n".join(f"    {item}" for item in items[:limit])
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"  {title} ({len(items)}):\n{shown}{more}"
+
+
+def verify_state_dict(
+    state_dict: Mapping[str, object],
+    expected: Mapping[str, Sequence[int]],
+    *,
+    source: str,
+    target: str,
+    hint: str | None = None,
+    limit: int = 20,
+) -> None:
+    """Check that ``state_dict`` has exactly the keys of ``expected`` and, key by key, the same shapes.
+
+    Args:
+        state_dict: name → tensor/array (anything with ``.shape``).
+        expected: name → shape of the target model (e.g. ``{k: v.shape for k, v in model.state_dict().items()}``).
+        source: how the message names the checkpoint (its path).
+        target: how the message names the target (its model name).
+        hint: an extra sentence for the message (e.g. which variant the file looks like).
+        limit: at most this many entries are printed per list.
+
+    Raises:
+        CheckpointMismatchError: listing missing keys, unexpected keys and shape mismatches.
+    """
+    missing = sorted(k for k in expected if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in expected)
+    mismatched = sorted(
+        f"{k}: checkpoint {list(_shape(v))} vs model {list(expected[k])}"
+        for k, v in state_dict.items()
+        if k in expected and _shape(v) != tuple(expected[k])
+    )
+    if not (missing or unexpected or mismatched):
+        return
+    parts = [f"{source} does not fit {target}:"]
+    if missing:
+        parts.append(_listing("missing keys", missing, limit))
+    if unexpected:
+        parts.append(_listing("unexpected keys", unexpected, limit))
+    if mismatched:
+        parts.append(_listing("shape mismatches", mismatched, limit))
+    if hint:
+        parts.append(hint)
+    raise CheckpointMismatchError("\n".join(parts))
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
+    """Remove ``prefix`` (DataParallel/DDP's ``module.``) when EVERY key carries it; otherwise return a copy."""
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def unwrap_state_dict(checkpoint: object, *, source: str, entry: str | None = None) -> tuple[dict, str | None]:
+    """The state dict inside a training checkpoint: ``checkpoint[entry]``, or the first of :data:`STATE_DICT_ENTRIES`
+    present, or the checkpoint itself when it already maps names to tensors. Returns (state dict, entry used).
+
+    Raises:
+        ValueError: the requested entry is absent, or no mapping of names to tensors is found.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(
+            f"{source}: expected a dict (a state dict or a training checkpoint), found {type(checkpoint).__name__}"
+        )
+    if entry is not None:
+        if entry not in checkpoint:
+            raise ValueError(
+                f"{source}: no entry {entry!r} in the checkpoint (entries: {sorted(map(str, checkpoint))})"
+            )
+        found, used = checkpoint[entry], entry
+    elif checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        found, used = checkpoint, None
+    else:
+        used = next((e for e in STATE_DICT_ENTRIES if isinstance(checkpoint.get(e), Mapping)), None)
+        if used is None:
+            raise ValueError(
+                f"{source}: found no state dict: the checkpoint is not a mapping of names to tensors and has none of "
+                f"the entries {list(STATE_DICT_ENTRIES)} (entries: {sorted(map(str, checkpoint))}); "
+                "pick one with --entry"
+            )
+        found = checkpoint[used]
+    where = f"{source}[{used!r}]" if used else source
+    if not isinstance(found, Mapping):
+        raise ValueError(f"{where}: expected a mapping of names to tensors, found {type(found).__name__}")
+    not_tensors = sorted(str(k) for k, v in found.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise ValueError(f"{where}: entries that are not tensors: {not_tensors[:10]}")
+    if not found:
+        raise ValueError(f"{where}: the state dict is empty")
+    return dict(found), used
+
+
+def load_torch_checkpoint(
+    path: str | os.PathLike[str], *, entry: str | None = None
+) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Read a PyTorch ``.pth`` checkpoint without executing pickled code and return (state dict, entry used).
+
+    Uses ``torch.load(weights_only=True)``; the only global admitted beyond torch's own safe set is
+    ``argparse.Namespace`` (DeiT-style training scripts store their arguments in the checkpoint; it is a bag of
+    attributes and runs nothing). A ``module.`` prefix on every key is removed.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a readable PyTorch checkpoint, or holds no state dict (see
+            :func:`unwrap_state_dict`); also when it asks for a global outside the safe set.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, expected a .pth file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        raise ValueError(f"{path}: the file is empty")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch explains refused globals at length; keep its first line, which names the global.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "Unsupported global" in str(err) or "Weights only load failed" in str(err):
+            detail = next((line for line in str(err).splitlines() if "Unsupported global" in line), first)
+            raise ValueError(
+                f"{path}: refusing to load: the checkpoint needs code beyond plain tensors ({detail.strip()}). "
+                "Nothing was executed."
+            ) from None
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, AttributeError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = " (a Paddle .pdparams file? convert it with `dsnet convert paddle`)" if head[:1] == b"\x80" else ""
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({first}){hint}") from None
+    state_dict, used = unwrap_state_dict(checkpoint, source=path, entry=entry)
+    return strip_prefix(state_dict), used
+
+
+def save_safetensors_atomic(
+    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write ``state_dict`` to ``path`` as safetensors via a temporary file in the same folder and an atomic rename,
+    so that ``path`` is never left half-written. Tensors are made contiguous; shared storage is cloned."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path}: the output folder {folder} does not exist")
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def count_parameters(state_dict: Mapping[str, torch.Tensor], skip: Iterable[str] = ()) -> int:
+    """Number of elements in ``state_dict``, leaving out keys ending with any suffix in ``skip``."""
+    suffixes = tuple(skip)
+    return sum(v.numel() for k, v in state_dict.items() if not (suffixes and k.endswith(suffixes)))
