@@ -1,0 +1,230 @@
+"""DS-FPN: a feature pyramid whose lateral connections are DS-Blocks (DS-Net paper §3.4, Fig. 3, Tables 6–7).
+
+The paper ("Dual-stream Network for Visual Recognition", Mao et al., NeurIPS 2021) adds DS-Blocks to an FPN and
+compares four insertion positions on RetinaNet (Table 6). No public code exists; this module is our reading of the
+text, pinned down by the parameter counts the paper reports.
+
+``position``:
+
+* ``None``: plain FPN (1×1 lateral conv → top-down sum → 3×3 output conv), as torchvision's
+  :class:`~torchvision.ops.FeaturePyramidNetwork` and mmdet's ``FPN``.
+* ``"last"``: the 3×3 output conv of every backbone level is replaced by a DS-Block at the FPN width.
+* ``"lateral"``: a DS-Block at the backbone width on each lateral connection, the 1×1 channel alignment after it.
+* ``"lateral_rev"``: the 1×1 channel alignment first, then a DS-Block at the FPN width.
+* ``"lateral_extra"`` (default, the paper's choice): ``"lateral"`` plus a DS-Block on the extra levels: one block
+  refines P6 (RetinaNet) or the max-pooled level (Mask R-CNN); P7 is computed from the refined P6.
+
+DS-Blocks in the neck: ``num_heads = dim // 64`` (head dim 32 on the global half, as in the backbone), MLP ratio 4,
+half the channels in the global stream. The global stream of a level with stride ``r`` is resized to the image's
+stride-32 grid (downsampling ``max(1, 32 // r)``: 4 on P3, 2 on P4, 1 on P5 and the extra levels), which is what the
+backbone does at 224 px (a 7×7 global grid in stages 1–3) and what the paper's §3.3 describes (``W/32 × H/32``).
+
+Parameters of RetinaNet with the DS-Net-T backbone (``dsnet_tiny_concat``), 80 classes, C3–C5 into the pyramid,
+P6 from C5 and P7 from P6 (mmdet ``add_extra_convs="on_input"``, torchvision's :class:`LastLevelP6P7` when C5 has a
+width other than 256), 9 anchors, 4-conv heads without norm (``python benchmarks/detection.py --table6``):
+
+=================  ==========  ======================================================
+position           paper (M)   ours (M)
+=================  ==========  ======================================================
+None (FPN)         18.83       18.83
+last               19.59       19.59   (3 DS-Blocks* at 256 replace the 3×3 convs)
+lateral            23.72       23.72   (DS-Blocks* at 128 / 320 / 512)
+lateral_rev        21.36       21.36   (3 DS-Blocks* at 256)
+lateral_extra      24.43       24.43   (lateral + one DS-Block at 256 on P6, concat fusion)
+=================  ==========  ======================================================
+
+(Our figures are the measured ones, see the table printed by the benchmark; ``*`` = with inter-scale alignment.)
+The counts single out the design: every added block except the extra-level one has inter-scale alignment
+(12.75·d² + 35.5·d parameters); with concat-only blocks "last" would give 19.20 M and "lateral" 23.06 M. The extra
+block must be a concat-only block at 256 (10.75·d² + 29.5·d = 0.712 M): an aligned one would give 24.56 M and one on
+each of P6 and P7 25.15 M. Hence ``extra_block_kwargs`` defaults to concat fusion and the other blocks to alignment.
+
+Example:
+    >>> import torch
+    >>> from dsnet.detection.ds_fpn import DSFPN
+    >>> fpn = DSFPN([128, 320, 512], 256, position="lateral_extra", extra_levels="p6p7")
+    >>> feats = {"0": torch.rand(1, 128, 16, 16), "1": torch.rand(1, 320, 8, 8), "2": torch.rand(1, 512, 4, 4)}
+    >>> {k: tuple(v.shape) for k, v in fpn(feats).items()}  # doctest: +NORMALIZE_WHITESPACE
+    {'0': (1, 256, 16, 16), '1': (1, 256, 8, 8), '2': (1, 256, 4, 4), 'p6': (1, 256, 2, 2), 'p7': (1, 256, 1, 1)}
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
+
+__all__ = ["DS_POSITIONS", "DSFPN", "DSLastLevelMaxPool", "DSLastLevelP6P7", "DSPosition", "ds_block"]
+
+DSPosition = Literal["last", "lateral", "lateral_rev", "lateral_extra"]
+#: Valid values of ``DSFPN(position=...)``; ``None`` means a plain FPN.
+DS_POSITIONS: tuple[str | None, ...] = (None, "last", "lateral", "lateral_rev", "lateral_extra")
+ExtraLevels = Literal["p6p7", "maxpool"]
+
+#: Stride of the grid the global stream is resized to on every pyramid level (the image's 1/32 grid).
+GLOBAL_GRID_STRIDE = 32
+
+
+def ds_block(dim: int, stride: int, **kwargs: Any) -> nn.Module:
+    """A DS-Block for a pyramid level of ``dim`` channels and ``stride`` (image pixels per feature pixel).
+
+    ``num_heads`` defaults to ``dim // 64`` (head dim 32 on the global half) and the global stream is downsampled
+    onto the stride-32 grid of the image (see the module docstring). Other ``kwargs`` go to
+    :class:`dsnet.models.dsnet.DSBlock`.
+    """
+    from dsnet.models.dsnet import DSBlock
+
+    kwargs.setdefault("num_heads", max(1, dim // 64))
+    kwargs.setdefault("mlp_ratio", 4.0)
+    kwargs.setdefault("global_downsample", max(1, GLOBAL_GRID_STRIDE // stride))
+    return DSBlock(dim, **kwargs)
+
+
+BlockFactory = Callable[..., nn.Module]
+
+
+class DSLastLevelP6P7(LastLevelP6P7):
+    """RetinaNet's P6/P7 (torchvision :class:`LastLevelP6P7`, same parameter names) with a DS-Block refining P6.
+
+    P6 = DS-Block(conv3×3/2(C5 or P5)); P7 = conv3×3/2(ReLU(P6)).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, block: nn.Module) -> None:
+        super().__init__(in_channels, out_channels)
+        self.ds_block = block
+
+    def forward(self, p: list[Tensor], c: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        x = p[-1] if self.use_P5 else c[-1]
+        p6 = self.ds_block(self.p6(x))
+        p7 = self.p7(F.relu(p6))
+        p.extend([p6, p7])
+        names.extend(["p6", "p7"])
+        return p, names
+
+
+class DSLastLevelMaxPool(ExtraFPNBlock):
+    """Mask R-CNN's extra level (max-pool of the last level, key ``"pool"``) refined by a DS-Block."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.ds_block = block
+
+    def forward(self, p: list[Tensor], c: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        p.append(self.ds_block(F.max_pool2d(p[-1], kernel_size=1, stride=2, padding=0)))
+        names.append("pool")
+        return p, names
+
+
+def _conv(in_channels: int, out_channels: int, kernel_size: int) -> nn.Conv2d:
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+    nn.init.kaiming_uniform_(conv.weight, a=1)  # torchvision's FPN init
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class DSFPN(nn.Module):
+    """Feature pyramid network with DS-Blocks (DS-FPN); ``position=None`` gives a plain FPN.
+
+    Takes and returns ordered dicts of NCHW feature maps like torchvision's
+    :class:`~torchvision.ops.FeaturePyramidNetwork`, so it slots into torchvision's detectors.
+
+    Args:
+        in_channels_list: channels of the backbone levels fed to the pyramid, finest first.
+        out_channels: channels of every pyramid level (256 in RetinaNet and Mask R-CNN).
+        position: where DS-Blocks go, one of :data:`DS_POSITIONS` (see the module docstring).
+        extra_levels: ``"p6p7"`` (RetinaNet: P6 from C5, or from P5 when C5 has ``out_channels`` channels, and P7),
+            ``"maxpool"`` (Mask R-CNN: a max-pooled level) or ``None``.
+        strides: stride of each input level (for the global grid of the DS-Blocks); default 8, 16, 32, ...
+            when three levels are given and 4, 8, 16, ... otherwise.
+        block_kwargs: keyword arguments of the DS-Blocks on the backbone levels (default: inter-scale alignment on).
+        extra_block_kwargs: keyword arguments of the DS-Block on the extra level (default: concat fusion, see the
+            module docstring for why).
+        block_factory: ``(dim, stride, **kwargs) -> nn.Module`` building a block (default :func:`ds_block`).
+    """
+
+    def __init__(
+        self,
+        in_channels_list: Sequence[int],
+        out_channels: int = 256,
+        *,
+        position: DSPosition | None = "lateral_extra",
+        extra_levels: ExtraLevels | None = None,
+        strides: Sequence[int] | None = None,
+        block_kwargs: dict[str, Any] | None = None,
+        extra_block_kwargs: dict[str, Any] | None = None,
+        block_factory: BlockFactory = ds_block,
+    ) -> None:
+        super().__init__()
+        if position not in DS_POSITIONS:
+            raise ValueError(f"unknown DS-FPN position {position!r}; expected one of {DS_POSITIONS}")
+        if extra_levels not in (None, "p6p7", "maxpool"):
+            raise ValueError(f"unknown extra_levels {extra_levels!r}; expected 'p6p7', 'maxpool' or None")
+        if not in_channels_list or any(c <= 0 for c in in_channels_list):
+            raise ValueError(f"in_channels_list must be non-empty positive channel counts, got {in_channels_list}")
+        if strides is None:
+            first = 8 if len(in_channels_list) == 3 else 4
+            strides = [first * 2**i for i in range(len(in_channels_list))]
+        if len(strides) != len(in_channels_list):
+            raise ValueError(f"{len(strides)} strides given for {len(in_channels_list)} levels")
+        block_kwargs = {"inter_scale_alignment": True, **(block_kwargs or {})}
+        extra_block_kwargs = {"inter_scale_alignment": False, **(extra_block_kwargs or {})}
+        self.position = position
+        self.out_channels = out_channels
+
+        def block(dim: int, stride: int, **kw: Any) -> nn.Module:
+            return block_factory(dim, stride, **kw)
+
+        # Lateral connection of level i: lateral_blocks[i] (DS-Block or identity) around lateral_convs[i] (1×1).
+        self.lateral_blocks_before = nn.ModuleList()
+        self.lateral_convs = nn.ModuleList()
+        self.lateral_blocks_after = nn.ModuleList()
+        self.output_blocks = nn.ModuleList()  # 3×3 conv, or a DS-Block with position="last"
+        for c, s in zip(in_channels_list, strides):
+            lateral = position in ("lateral", "lateral_extra")
+            self.lateral_blocks_before.append(block(c, s, **block_kwargs) if lateral else nn.Identity())
+            self.lateral_convs.append(_conv(c, out_channels, 1))
+            rev = position == "lateral_rev"
+            self.lateral_blocks_after.append(block(out_channels, s, **block_kwargs) if rev else nn.Identity())
+            last = position == "last"
+            self.output_blocks.append(block(out_channels, s, **block_kwargs) if last else _conv(out_channels, out_channels, 3))
+
+        self.extra_blocks: ExtraFPNBlock | None = None
+        extra_stride = strides[-1] * 2
+        with_extra_block = position == "lateral_extra"
+        if extra_levels == "p6p7":
+            if with_extra_block:
+                extra_block = block(out_channels, extra_stride, **extra_block_kwargs)
+                self.extra_blocks = DSLastLevelP6P7(in_channels_list[-1], out_channels, extra_block)
+            else:
+                self.extra_blocks = LastLevelP6P7(in_channels_list[-1], out_channels)
+        elif extra_levels == "maxpool":
+            if with_extra_block:
+                self.extra_blocks = DSLastLevelMaxPool(block(out_channels, extra_stride, **extra_block_kwargs))
+            else:
+                self.extra_blocks = LastLevelMaxPool()
+
+    def forward(self, x: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Pyramid levels (same keys as ``x``, then ``"p6"``/``"p7"`` or ``"pool"``), each ``out_channels`` wide."""
+        names = list(x.keys())
+        features = list(x.values())
+        laterals = []
+        for i, feature in enumerate(features):
+            lateral = self.lateral_blocks_before[i](feature)
+            lateral = self.lateral_convs[i](lateral)
+            laterals.append(self.lateral_blocks_after[i](lateral))
+
+        # top-down pathway: upsample the coarser level (nearest) and add it to the lateral of the finer one
+        merged = [laterals[-1]]
+        for lateral in laterals[-2::-1]:
+            top_down = F.interpolate(merged[0], size=lateral.shape[-2:], mode="nearest")
+            merged.insert(0, lateral + top_down)
+        results = [block(m) for block, m in zip(self.output_blocks, merged)]
+
+        if self.extra_blocks is not None:
+            results, names = self.extra_blocks(results, features, names)
+        return OrderedDict(zip(names, results))
+
