@@ -94,7 +94,7 @@ def _randomize(model: paddle.nn.Layer, seed: int) -> None:
 
 
 def _set_input_size(model: paddle.nn.Layer, height: int, width: int) -> None:
-    """The reference asserts its construction size in every PatchEmbed; tell it the size it will see (no math changes)."""
+    """The reference asserts its build size in every PatchEmbed; tell it the size it will see (math unchanged)."""
     for k, stride in enumerate((1, 4, 8, 16), start=1):
         getattr(model, f"patch_embed{k}").img_size = (height // stride, width // stride)
 
