@@ -1,0 +1,315 @@
+"""Typed run configuration: one dataclass per section, loaded from YAML recipes with ``key=value`` overrides.
+
+A recipe is either nested (``optim: {lr: 0.001}``) or, for the zoo's ImageNet recipes, flat (``lr: 0.001``);
+:data:`FLAT_KEYS` maps the flat names onto the nested fields. Overrides use dotted keys and YAML values::
+
+    dsnet train --config configs/fashion_mnist/dsnet_tiny.yaml --set optim.lr=0.002 --set sched.epochs=3
+
+Unknown keys raise :class:`ValueError` naming the key and the valid ones.
+
+Example:
+    >>> cfg = load_config(None, ["model.name=resnet18", "optim.lr=0.01"])
+    >>> cfg.model.name, cfg.optim.lr
+    ('resnet18', 0.01)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "FLAT_KEYS",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "SchedConfig",
+    "TrainConfig",
+    "load_config",
+]
+
+
+@dataclass
+class ModelConfig:
+    """The network."""
+
+    name: str = "dsnet_tiny"  # any timm model name (dsnet registers its zoo into timm on import)
+    num_classes: int | None = None  # None: the number of classes of the dataset
+    in_chans: int = 3  # 3: grey images are replicated to RGB; 1: grey images are fed as they are
+    drop_path: float = 0.1  # stochastic depth rate of the last block
+    drop_rate: float = 0.0  # dropout before the classifier
+    init_weights: str | None = None  # .safetensors to start from (e.g. converted weights); the head may differ
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of timm.create_model
+
+
+@dataclass
+class DataConfig:
+    """Datasets, augmentation and label mixing."""
+
+    dataset: str = "imagefolder"  # "imagefolder" (root/train, root/val class folders) or "fashion_mnist"
+    root: str | None = None  # dataset folder; None for fashion_mnist searches the default locations
+    train_split: str = "train"  # sub-folder of root with the training images (imagefolder)
+    val_split: str = "val"  # sub-folder of root with the validation images (imagefolder)
+    input_size: int = 224  # square training and evaluation resolution
+    crop_pct: float = 0.875  # evaluation: resize to input_size / crop_pct, then center-crop input_size
+    interpolation: str = "bicubic"  # resize interpolation ("bicubic", "bilinear", "random")
+    mean: tuple[float, ...] | None = None  # normalisation mean per channel; None: ImageNet (or dataset) default
+    std: tuple[float, ...] | None = None  # normalisation std per channel; None: ImageNet (or dataset) default
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    ratio: tuple[float, float] = (0.75, 1.3333333333333333)  # RandomResizedCrop aspect ratio range
+    hflip: float = 0.5  # horizontal flip probability
+    aa: str | None = "rand-m9-mstd0.5-inc1"  # timm auto-augment policy; None disables it
+    color_jitter: float = 0.4  # colour jitter strength, used only when aa is None (timm's default)
+    reprob: float = 0.25  # random erasing probability
+    mixup: float = 0.8  # mixup alpha; 0 disables
+    cutmix: float = 1.0  # cutmix alpha; 0 disables
+    mixup_prob: float = 1.0  # probability of mixing a batch at all
+    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    label_smoothing: float = 0.1  # label smoothing (folded into the mixed targets when mixing)
+    workers: int = 4  # DataLoader worker processes per rank
+    max_train_samples: int | None = None  # use only the first N training samples (quick runs, tests)
+    max_val_samples: int | None = None  # use only the first N validation samples
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer (timm.optim.create_optimizer_v2)."""
+
+    opt: str = "adamw"  # optimizer name understood by timm
+    lr: float = 1e-3  # learning rate at a global batch of lr_base_batch
+    lr_base_batch: int = 1024  # lr is scaled by global_batch / lr_base_batch; 0 uses lr as it is
+    weight_decay: float = 0.05  # decoupled weight decay; never applied to 1-D params (norms, biases)
+    momentum: float = 0.9  # SGD momentum (ignored by AdamW)
+    betas: tuple[float, float] | None = None  # Adam betas; None: timm's default (0.9, 0.999)
+    eps: float | None = None  # Adam epsilon; None: timm's default (1e-8)
+    clip_grad: float | None = None  # clip the global gradient norm to this value; None: no clipping
+
+
+@dataclass
+class SchedConfig:
+    """Learning-rate schedule (timm.scheduler.create_scheduler_v2), stepped after every optimizer update."""
+
+    sched: str = "cosine"  # schedule name understood by timm
+    epochs: int = 300  # training epochs
+    warmup_epochs: float = 5  # linear warm-up length from warmup_lr (may be fractional)
+    warmup_lr: float = 1e-6  # learning rate at the first update
+    min_lr: float = 1e-5  # final learning rate of the cosine
+
+
+@dataclass
+class TrainConfig:
+    """The loop: batch, precision, devices, checkpoints and logs."""
+
+    batch_size: int = 1024  # GLOBAL batch per optimizer update (summed over ranks and accumulation steps)
+    accum_steps: int = 1  # micro-batches accumulated per optimizer update
+    seed: int = 0  # seed of initialisation, data order, augmentation and stochastic depth
+    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
+    amp: str = "auto"  # "auto" (bf16 on cuda with bf16 support, else off), "none", "bf16", "fp16" (cuda)
+    channels_last: bool = False  # NHWC memory format
+    compile: bool = False  # torch.compile the model
+    threads: int | None = None  # torch CPU threads per rank; None: torch's default
+    ema: float = 0.0  # model EMA decay (timm ModelEmaV3); 0 disables EMA
+    eval_ema: bool = True  # when EMA is on, also evaluate the EMA weights and pick "best" on the better
+    output_dir: str = "runs"  # parent folder of run folders
+    name: str | None = None  # run name; None: "<model>-<dataset>"; the folder is <name>-<timestamp>
+    log_interval: int = 50  # optimizer updates between step records in metrics.jsonl
+    ckpt_interval: int = 0  # also checkpoint "last" every N optimizer updates (mid-epoch); 0: per epoch only
+    eval_interval: int = 1  # evaluate every N epochs (and always after the last)
+    max_bad_files: int | None = None  # abort when more unreadable images were skipped; None: never
+
+
+@dataclass
+class RunConfig:
+    """A whole run; :func:`load_config` builds it, ``dataclasses.asdict`` saves it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON serialisable)."""
+        return _plain(dataclasses.asdict(self))
+
+
+#: Flat recipe keys (timm/DeiT style, used by configs/imagenet/*.yaml) → nested field.
+FLAT_KEYS: dict[str, str] = {
+    "model": "model.name",
+    "epochs": "sched.epochs",
+    "batch_size": "train.batch_size",
+    "lr": "optim.lr",
+    "weight_decay": "optim.weight_decay",
+    "warmup_epochs": "sched.warmup_epochs",
+    "warmup_lr": "sched.warmup_lr",
+    "min_lr": "sched.min_lr",
+    "label_smoothing": "data.label_smoothing",
+    "smoothing": "data.label_smoothing",
+    "mixup": "data.mixup",
+    "cutmix": "data.cutmix",
+    "drop_path": "model.drop_path",
+    "aa": "data.aa",
+    "reprob": "data.reprob",
+    "input_size": "data.input_size",
+    "crop_pct": "data.crop_pct",
+    "interpolation": "data.interpolation",
+    "ema": "train.ema",
+    "opt": "optim.opt",
+    "clip_grad": "optim.clip_grad",
+}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _section_fields(section: Any) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(section)}
+
+
+def _valid_keys() -> list[str]:
+    cfg = RunConfig()
+    keys = [f"{s}.{k}" for s in _section_fields(cfg) for k in _section_fields(getattr(cfg, s))]
+    return keys
+
+
+def _unknown(key: str, where: str) -> ValueError:
+    valid = _valid_keys() + sorted(FLAT_KEYS)
+    close = difflib.get_close_matches(key, valid, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return ValueError(f"unknown config key {key!r} in {where}.{hint} Valid keys: {', '.join(_valid_keys())}")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check / convert a YAML value to the field's annotated type; raise ValueError naming the key."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if errors else f"config key {key!r}: bad value {value!r}")
+    if isinstance(value, str) and value.lower() in ("none", "null") and annotation is not str:
+        raise ValueError(f"config key {key!r} cannot be None")
+    if annotation is Any:
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key!r} expects a list, got {value!r}")
+        item = args[0] if args else Any
+        if (len(args) == 2 and args[1] is Ellipsis) or len(args) == 1:
+            return tuple(_coerce(v, item, key) for v in value)
+        if len(value) != len(args):
+            raise ValueError(f"config key {key!r} expects {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r} expects a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config key {key!r} expects true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"config key {key!r} expects an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads "1e-3" as a string
+            except ValueError:
+                pass
+        raise ValueError(f"config key {key!r} expects a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"config key {key!r} expects a string, got {value!r}")
+    return value
+
+
+def _set(cfg: RunConfig, dotted: str, value: Any, where: str) -> None:
+    dotted = FLAT_KEYS.get(dotted, dotted)
+    parts = dotted.split(".")
+    if len(parts) == 3 and parts[1] == "kwargs" and parts[0] == "model":
+        cfg.model.kwargs[parts[2]] = value
+        return
+    if len(parts) != 2 or parts[0] not in _section_fields(cfg):
+        raise _unknown(dotted, where)
+    section = getattr(cfg, parts[0])
+    fields = _section_fields(section)
+    if parts[1] not in fields:
+        raise _unknown(dotted, where)
+    hints = typing.get_type_hints(type(section))
+    setattr(section, parts[1], _coerce(value, hints[parts[1]], dotted))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and not prefix and key in _section_fields(RunConfig()):
+            items.extend(_flatten(value, f"{dotted}."))
+        else:
+            items.append((dotted, value))
+    return items
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """A :class:`RunConfig` from defaults, then the YAML recipe at ``path``, then ``key=value`` overrides.
+
+    A recipe may hold ``base: other.yaml`` (relative to itself) to start from another recipe.
+
+    Raises:
+        FileNotFoundError: the recipe does not exist.
+        ValueError: an unknown key (the message lists the valid ones), a badly typed value or a malformed override.
+    """
+    cfg = RunConfig()
+    if path is not None:
+        for key, value in _read_recipe(Path(path)):
+            _set(cfg, key, value, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.002)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        _set(cfg, key.strip(), value, "--set")
+    return cfg
+
+
+def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ValueError(f"config {path}: circular 'base' chain")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ValueError(f"config {path}: expected a mapping at the top level, got {type(tree).__name__}")
+    items: list[tuple[str, Any]] = []
+    base = tree.pop("base", None)
+    if base is not None:
+        items.extend(_read_recipe(path.parent / base, (*seen, path.resolve())))
+    return items + _flatten(tree)

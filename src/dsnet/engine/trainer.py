@@ -1,0 +1,537 @@
+"""The training loop: any timm model, one process or torchrun DDP, exact resume from mid-epoch checkpoints.
+
+Built on timm's helpers: ``create_transform`` (RandAugment, random erasing), ``Mixup``, ``SoftTargetCrossEntropy``
+/ ``LabelSmoothingCrossEntropy``, ``create_optimizer_v2`` (no weight decay on 1-D parameters), ``create_scheduler_v2``
+(cosine with warm-up, stepped per optimizer update), ``ModelEmaV3`` and ``accuracy``.
+
+Determinism: data order and augmentation are functions of ``(seed, epoch, index)`` (see :mod:`dsnet.data.datasets`),
+and the generators used inside an update (mixup, stochastic depth) are re-seeded from ``(seed, update, rank)``, so an
+interrupted run resumed from its ``last`` checkpoint ends with the same weights as an uninterrupted one.
+
+Example:
+    >>> from dsnet.engine.config import load_config
+    >>> cfg = load_config("configs/fashion_mnist/dsnet_tiny.yaml", ["sched.epochs=1"])
+    >>> run_dir = train(cfg)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dsnet.data.build import build_dataset, build_transform
+from dsnet.data.datasets import ShardedEpochSampler, TransformedDataset, collate_with_bad_files
+from dsnet.engine import checkpoint as ckpt
+from dsnet.engine.config import RunConfig, load_config
+from dsnet.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from dsnet.engine.evaluate import EvalResult, autocast_context, evaluate
+from dsnet.engine.report import MetricsLog, Progress, plot_confusion, plot_curves
+
+__all__ = ["NonFiniteLossError", "build_model", "resolve_amp", "train"]
+
+#: Test hook: seconds to sleep after each mid-epoch checkpoint, so that a test can kill the run at a known point.
+_PAUSE_ENV = "DSNET_TEST_PAUSE_AFTER_CHECKPOINT"
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite."""
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.amp`` on ``device`` (``None``: full fp32).
+
+    ``auto`` picks bf16 on CUDA devices that support it and fp32 on CPU: on CPUs without AMX, bf16 autocast is
+    slower than fp32 for these models (measured with ``benchmarks/fashion_mnist.py --amp``).
+    """
+    if amp == "none":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 or none on CPU")
+        return torch.float16
+    raise ValueError(f"unknown train.amp {amp!r}; expected auto, none, bf16 or fp16")
+
+
+def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
+    """``timm.create_model`` from ``cfg.model``, optionally initialised from ``cfg.model.init_weights``.
+
+    When initialising, classifier weights whose shape differs (another number of classes) are left at their
+    fresh initialisation and reported; any other mismatch is an error.
+    """
+    import timm
+
+    import dsnet  # noqa: F401  (registers the zoo)
+
+    m = cfg.model
+    if not timm.is_model(m.name):
+        close = timm.list_models(f"*{m.name.split('_')[0]}*")[:8]
+        raise ValueError(f"unknown model {m.name!r}" + (f"; similar names: {', '.join(close)}" if close else ""))
+    model = timm.create_model(
+        m.name,
+        num_classes=num_classes,
+        in_chans=m.in_chans,
+        drop_path_rate=m.drop_path,
+        drop_rate=m.drop_rate,
+        **m.kwargs,
+    )
+    if m.init_weights:
+        state, _ = ckpt.load_weights(ckpt.resolve_checkpoint(m.init_weights))
+        own = model.state_dict()
+        skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        head = {k for k in skipped if own[k].shape[:1] == (num_classes,) or k.endswith(".bias")}
+        if set(skipped) - head:
+            bad = sorted(set(skipped) - head)[0]
+            raise ValueError(
+                f"{m.init_weights}: shape of {bad} is {tuple(state[bad].shape)}, the model has {tuple(own[bad].shape)}"
+            )
+        missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
+        if unexpected or set(missing) - head:
+            raise ValueError(f"{m.init_weights}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        if head:
+            print(f"init_weights: classifier {sorted(head)} re-initialised for {num_classes} classes", file=sys.stderr)
+    return model
+
+
+def _update_seed(seed: int, update: int, rank: int) -> int:
+    return (seed * 1_000_003 + update * 7_919 + rank * 104_729 + 17) % (2**31 - 1)
+
+
+def _make_loader(dataset: TransformedDataset, sampler: ShardedEpochSampler, batch: int, workers: int, device) -> Any:
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_with_bad_files,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        drop_last=False,
+    )
+
+
+class _BadFiles:
+    """Warns once per unreadable file and counts them; enforces ``train.max_bad_files``."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.seen: list[str] = []
+        self.limit = limit
+
+    def add(self, messages: list[str]) -> None:
+        for message in messages:
+            if message not in self.seen:
+                self.seen.append(message)
+                warnings.warn(f"skipped unreadable image: {message}", stacklevel=2)
+        if self.limit is not None and len(self.seen) > self.limit:
+            raise ValueError(
+                f"{len(self.seen)} unreadable images (train.max_bad_files={self.limit}); last: {self.seen[-1]}"
+            )
+
+
+def _new_run_dir(cfg: RunConfig, dist_info: DistInfo) -> Path:
+    name = cfg.train.name or f"{cfg.model.name}-{cfg.data.dataset}"
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    holder = [str(Path(cfg.train.output_dir) / f"{name}-{stamp}")]
+    if dist_info.distributed:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(holder, src=0)
+    run_dir = Path(holder[0])
+    if dist_info.is_main:
+        suffix = 1
+        base = run_dir
+        while run_dir.exists():  # two runs started in the same second
+            run_dir = base.with_name(f"{base.name}-{suffix}")
+            suffix += 1
+        run_dir.mkdir(parents=True)
+    if dist_info.distributed:
+        import torch.distributed as dist
+
+        holder = [str(run_dir)]
+        dist.broadcast_object_list(holder, src=0)
+        run_dir = Path(holder[0])
+    return run_dir
+
+
+def train(
+    cfg: RunConfig | None = None, *, resume: str | Path | None = None, log: Callable[[str], None] | None = None
+) -> Path:
+    """Train as ``cfg`` says (or continue the run folder ``resume``); returns the run folder.
+
+    The run folder holds ``config.yaml`` (resolved), ``metrics.jsonl``, ``checkpoints/``, ``curves.png``,
+    ``confusion.png`` and ``summary.json``.
+    """
+    resume_dir = Path(resume) if resume is not None else None
+    if resume_dir is not None:
+        if not (resume_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"cannot resume: {resume_dir / 'config.yaml'} does not exist (not a run folder?)")
+        cfg = load_config(resume_dir / "config.yaml")
+    if cfg is None:
+        raise ValueError("train() needs a config or a run folder to resume")
+    t = cfg.train
+    dist_info, device = init_distributed(t.device)
+    try:
+        return _train(cfg, dist_info, device, resume_dir, log or (lambda s: print(s, flush=True)))
+    finally:
+        cleanup()
+
+
+def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir: Path | None, log) -> Path:
+    t, d = cfg.train, cfg.data
+    main = dist_info.is_main
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    amp_dtype = resolve_amp(t.amp, device)
+    world = dist_info.world_size
+    if t.batch_size % (world * t.accum_steps):
+        raise ValueError(
+            f"train.batch_size={t.batch_size} must be divisible by processes × accum_steps = {world} × {t.accum_steps}"
+        )
+    micro = t.batch_size // (world * t.accum_steps)
+    mixing = d.mixup > 0 or d.cutmix > 0
+    if mixing and micro % 2:
+        raise ValueError(f"mixup/cutmix need an even per-process micro-batch, got {micro}; change train.batch_size")
+
+    # data
+    train_set = build_dataset(d, "train", cfg.model.in_chans)
+    val_set = build_dataset(d, "val", cfg.model.in_chans, classes=train_set.classes)
+    num_classes = cfg.model.num_classes or len(train_set.classes)
+    if num_classes != len(train_set.classes):
+        raise ValueError(f"model.num_classes={num_classes} but the training set has {len(train_set.classes)} classes")
+    train_data = TransformedDataset(train_set, build_transform(d, cfg.model.in_chans, True), t.seed)
+    val_data = TransformedDataset(val_set, build_transform(d, cfg.model.in_chans, False), t.seed)
+    sampler = ShardedEpochSampler(len(train_data), t.batch_size, rank=dist_info.rank, world_size=world, seed=t.seed)
+    updates_per_epoch = sampler.updates_per_epoch
+    val_batch = max(micro, 64)
+    val_sampler = ShardedEpochSampler(
+        len(val_data), val_batch * world, rank=dist_info.rank, world_size=world, shuffle=False
+    )
+    val_loader = _make_loader(val_data, val_sampler, val_batch, d.workers, device)
+
+    # model, EMA, optimizer, schedule, loss
+    import timm.data
+    import timm.loss
+    import timm.optim
+    import timm.scheduler
+    import timm.utils
+
+    torch.manual_seed(t.seed)
+    model = build_model(cfg, num_classes).to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = timm.utils.ModelEmaV3(model, decay=t.ema, device=device) if t.ema > 0 else None
+    lr = cfg.optim.lr * (t.batch_size / cfg.optim.lr_base_batch if cfg.optim.lr_base_batch else 1.0)
+    opt_kwargs: dict[str, Any] = {}
+    if cfg.optim.betas is not None:
+        opt_kwargs["betas"] = tuple(cfg.optim.betas)
+    if cfg.optim.eps is not None:
+        opt_kwargs["eps"] = cfg.optim.eps
+    optimizer = timm.optim.create_optimizer_v2(
+        model,
+        opt=cfg.optim.opt,
+        lr=lr,
+        weight_decay=cfg.optim.weight_decay,
+        momentum=cfg.optim.momentum,
+        filter_bias_and_bn=True,
+        **opt_kwargs,
+    )
+    s = cfg.sched
+    scheduler, _ = timm.scheduler.create_scheduler_v2(
+        optimizer,
+        sched=s.sched,
+        num_epochs=s.epochs,
+        warmup_epochs=s.warmup_epochs,
+        warmup_lr=s.warmup_lr,
+        min_lr=s.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
+    mixup = (
+        timm.data.Mixup(
+            mixup_alpha=d.mixup,
+            cutmix_alpha=d.cutmix,
+            prob=d.mixup_prob,
+            switch_prob=d.mixup_switch_prob,
+            label_smoothing=d.label_smoothing,
+            num_classes=num_classes,
+        )
+        if mixing
+        else None
+    )
+    if mixing:
+        criterion: nn.Module = timm.loss.SoftTargetCrossEntropy()
+    elif d.label_smoothing > 0:
+        criterion = timm.loss.LabelSmoothingCrossEntropy(smoothing=d.label_smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    # run folder, resume
+    start_epoch, start_update_in_epoch, update, best = 0, 0, 0, -1.0
+    bad_files = _BadFiles(t.max_bad_files)
+    elapsed_train, samples_seen = 0.0, 0
+    if resume_dir is not None:
+        run_dir = resume_dir
+        state, weights_path = ckpt.load_training_state(run_dir / "checkpoints", "last")
+        weights, _ = ckpt.load_weights(weights_path)
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        ckpt.restore_rng(state["rng"])
+        start_epoch, start_update_in_epoch, update = state["epoch"], state["update_in_epoch"], state["update"]
+        best, elapsed_train, samples_seen = state["best"], state["elapsed_train"], state["samples_seen"]
+        bad_files.seen = list(state["bad_files"])
+        if main:
+            log(f"resuming {run_dir} at epoch {start_epoch}, update {update}")
+    else:
+        run_dir = _new_run_dir(cfg, dist_info)
+    ckpt_dir = run_dir / "checkpoints"
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
+    if main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if resume_dir is not None:
+            metrics.truncate_after(update)
+        else:
+            log(f"run folder: {run_dir}")
+        n_params = sum(p.numel() for p in model.parameters())
+        log(
+            f"{cfg.model.name}: {n_params / 1e6:.2f}M params, {num_classes} classes, {len(train_set)} train / "
+            f"{len(val_set)} val images, {world} process(es) on {device}, global batch {t.batch_size} "
+            f"(micro {micro} × accum {t.accum_steps}), lr {lr:.3g}, amp {amp_dtype or 'off'}, "
+            f"{updates_per_epoch} updates/epoch"
+        )
+
+    train_model: nn.Module = model
+    if t.compile:
+        train_model = torch.compile(model)
+    if dist_info.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def training_state(epoch: int, update_in_epoch: int) -> dict[str, Any]:
+        return {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": ckpt.capture_rng(),
+            "epoch": epoch,
+            "update_in_epoch": update_in_epoch,
+            "update": update,
+            "best": best,
+            "elapsed_train": elapsed_train,
+            "samples_seen": samples_seen,
+            "bad_files": list(bad_files.seen),
+        }
+
+    meta = {
+        "model": cfg.model.name,
+        "num_classes": num_classes,
+        "in_chans": cfg.model.in_chans,
+        "classes": list(train_set.classes),
+        "input_size": d.input_size,
+    }
+
+    def save(tag: str, epoch: int, update_in_epoch: int, with_state: bool) -> None:
+        if main:
+            ckpt.save_checkpoint(
+                ckpt_dir,
+                tag,
+                model,
+                ema=ema.module if ema is not None else None,
+                training_state=training_state(epoch, update_in_epoch) if with_state else None,
+                metadata={**meta, "epoch": epoch, "update": update},
+            )
+        barrier()
+
+    def run_eval(which: nn.Module, desc: str) -> EvalResult:
+        val_sampler.set_epoch(0)
+        bar = Progress(len(val_sampler), desc, enabled=main)
+        result = evaluate(
+            which,
+            val_loader,
+            num_classes,
+            device=device,
+            amp_dtype=amp_dtype,
+            channels_last=t.channels_last,
+            classes=train_set.classes,
+            progress=bar,
+        )
+        bar.close()
+        return result
+
+    loss_sum = torch.zeros(2, dtype=torch.float64)  # loss × samples, samples since the last step record
+    last_result: EvalResult | None = None
+    last_ema_result: EvalResult | None = None
+    for epoch in range(start_epoch, s.epochs):
+        first = start_update_in_epoch if epoch == start_epoch else 0
+        sampler.set_epoch(epoch, first)
+        loader = _make_loader(train_data, sampler, micro, d.workers, device)
+        bar = Progress((updates_per_epoch - first) * t.batch_size, f"epoch {epoch + 1}/{s.epochs}", enabled=main)
+        train_model.train()
+        tic = time.perf_counter()
+        micro_index = 0
+        update_in_epoch = first
+        for images, targets, bad in loader:
+            bad_files.add(bad)
+            if micro_index == 0:
+                seed = _update_seed(t.seed, update, dist_info.rank)
+                torch.manual_seed(seed)
+                np.random.seed(seed)
+                random.seed(seed)
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if t.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if mixup is not None:
+                images, targets = mixup(images, targets)
+            last_micro = micro_index == t.accum_steps - 1
+            sync = contextlib.nullcontext() if last_micro or not dist_info.distributed else train_model.no_sync()
+            with sync:
+                with autocast_context(device, amp_dtype):
+                    output = train_model(images)
+                    loss = criterion(output.float(), targets)
+                finite = torch.isfinite(loss.detach()).to(torch.float64)
+                if dist_info.distributed:
+                    finite = all_reduce_sum(finite.clone()) / world
+                if float(finite) < 1:
+                    raise NonFiniteLossError(
+                        f"training loss is {float(loss):.4g} at epoch {epoch + 1}, update {update} "
+                        f"(lr {optimizer.param_groups[0]['lr']:.3g}); lower optim.lr, set optim.clip_grad, "
+                        "or use train.amp=none"
+                    )
+                scaler.scale(loss / t.accum_steps).backward()
+            loss_sum += torch.tensor([float(loss) * len(images), len(images)], dtype=torch.float64)
+            micro_index += 1
+            if not last_micro:
+                continue
+            micro_index = 0
+            if cfg.optim.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            update += 1
+            update_in_epoch += 1
+            scheduler.step_update(num_updates=update)
+            if ema is not None:
+                ema.update(model, step=update)
+            samples_seen += t.batch_size
+            bar.update(t.batch_size, loss=float(loss))
+            if update % t.log_interval == 0 or update_in_epoch == updates_per_epoch:
+                reduced = all_reduce_sum(loss_sum.clone())
+                now = time.perf_counter()
+                metrics.write(
+                    "step",
+                    epoch=epoch + 1,
+                    update=update,
+                    loss=float(reduced[0] / max(reduced[1], 1)),
+                    lr=optimizer.param_groups[0]["lr"],
+                    img_per_s=samples_seen / max(elapsed_train + now - tic, 1e-9),
+                )
+                loss_sum.zero_()
+            if t.ckpt_interval and update % t.ckpt_interval == 0 and update_in_epoch < updates_per_epoch:
+                elapsed_train += time.perf_counter() - tic
+                save("last", epoch, update_in_epoch, with_state=True)
+                tic = time.perf_counter()
+                if os.environ.get(_PAUSE_ENV):
+                    time.sleep(float(os.environ[_PAUSE_ENV]))
+        elapsed_train += time.perf_counter() - tic
+        bar.close()
+        epoch_record: dict[str, Any] = {"epoch": epoch + 1, "update": update, "lr": optimizer.param_groups[0]["lr"]}
+        if (epoch + 1) % t.eval_interval == 0 or epoch + 1 == s.epochs:
+            last_result = run_eval(model, "eval")
+            epoch_record.update(top1=last_result.top1, top5=last_result.top5, val_loss=last_result.loss)
+            score = last_result.top1
+            if ema is not None and t.eval_ema:
+                last_ema_result = run_eval(ema.module, "eval (EMA)")
+                epoch_record.update(top1_ema=last_ema_result.top1, top5_ema=last_ema_result.top5)
+                score = max(score, last_ema_result.top1)
+            if score > best:
+                best = score
+                save("best", epoch + 1, 0, with_state=False)
+            if main:
+                ema_text = f", EMA top-1 {last_ema_result.top1:.2f}%" if last_ema_result and t.eval_ema else ""
+                log(
+                    f"epoch {epoch + 1}/{s.epochs}: val top-1 {last_result.top1:.2f}% top-5 {last_result.top5:.2f}%"
+                    f"{ema_text} ({samples_seen / max(elapsed_train, 1e-9):.1f} train img/s)"
+                )
+        epoch_record["img_per_s"] = samples_seen / max(elapsed_train, 1e-9)
+        metrics.write("epoch", **epoch_record)
+        save("last", epoch + 1, 0, with_state=True)
+
+    # final report
+    total_bad = torch.tensor([len(bad_files.seen)], dtype=torch.float64)
+    all_reduce_sum(total_bad)
+    if main:
+        if last_result is None:  # resumed after the last epoch had finished
+            last_result = run_eval(model, "eval")
+        plot_curves(metrics.read(), run_dir / "curves.png")
+        plot_confusion(
+            last_result.confusion,
+            train_set.classes,
+            run_dir / "confusion.png",
+            f"{cfg.model.name}: top-1 {last_result.top1:.2f}% on {last_result.num_samples} images",
+        )
+        summary = {
+            "model": cfg.model.name,
+            "dataset": d.dataset,
+            "epochs": s.epochs,
+            "updates": update,
+            "global_batch": t.batch_size,
+            "processes": world,
+            "device": str(device),
+            "amp": str(amp_dtype) if amp_dtype else "off",
+            "params": sum(p.numel() for p in model.parameters()),
+            "train_seconds": elapsed_train,
+            "train_img_per_s": samples_seen / max(elapsed_train, 1e-9),
+            "best_top1": best,
+            "final": last_result.to_dict(),
+            "final_ema": last_ema_result.to_dict() if last_ema_result is not None else None,
+            "bad_files": int(total_bad.item()),
+            "bad_file_messages": bad_files.seen[:100],
+            "run_dir": str(run_dir),
+        }
+        atomic_json(run_dir / "summary.json", summary)
+        log(
+            f"done: top-1 {last_result.top1:.2f}% (best {best:.2f}%), "
+            f"{int(total_bad.item())} unreadable image(s) skipped"
+        )
+    barrier()
+    return run_dir
+
+
+def atomic_json(path: Path, value: Any) -> None:
+    ckpt.atomic_write(path, lambda p: p.write_text(json.dumps(value, indent=2, default=_json_default)))
+
+
+def _json_default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
