@@ -36,7 +36,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dsnet.data.build import build_dataset, build_transform
+from dsnet.data.build import build_dataset, build_transform, normalization
 from dsnet.data.datasets import ShardedEpochSampler, TransformedDataset, collate_with_bad_files
 from dsnet.engine import checkpoint as ckpt
 from dsnet.engine.config import RunConfig, load_config
@@ -353,6 +353,11 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
         "in_chans": cfg.model.in_chans,
         "classes": list(train_set.classes),
         "input_size": d.input_size,
+        "crop_pct": d.crop_pct,
+        "interpolation": d.interpolation,
+        "mean": list(normalization(d, cfg.model.in_chans)[0]),
+        "std": list(normalization(d, cfg.model.in_chans)[1]),
+        "model_kwargs": cfg.model.kwargs,
     }
 
     def save(tag: str, epoch: int, update_in_epoch: int, with_state: bool) -> None:

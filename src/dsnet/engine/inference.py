@@ -1,0 +1,198 @@
+"""Loading a trained or converted checkpoint for evaluation and prediction.
+
+A checkpoint is a run folder (its ``config.yaml`` and ``checkpoints/best.safetensors``), or a ``.safetensors`` file
+written by ``dsnet train`` (its metadata names the model, classes and preprocessing), or converted weights (then
+``model_name`` and the classes must be given).
+
+Example:
+    >>> model, info = load_checkpoint("runs/dsnet_tiny-fashion_mnist-20260101-000000")  # doctest: +SKIP
+    >>> predict_files(model, info, ["shoe.png"], top_k=3)  # doctest: +SKIP
+    [Prediction(path='shoe.png', labels=['Ankle boot', 'Sneaker', 'Sandal'], probs=[0.97, 0.02, 0.01])]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dsnet.data.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from dsnet.engine import checkpoint as ckpt
+
+__all__ = ["CheckpointInfo", "Prediction", "collect_images", "load_checkpoint", "predict_files"]
+
+
+@dataclass
+class CheckpointInfo:
+    """What is needed to use a checkpoint: the model name, classes and eval preprocessing."""
+
+    path: Path  # the weights file
+    model: str
+    num_classes: int
+    in_chans: int = 3
+    classes: tuple[str, ...] = ()
+    input_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    run_dir: Path | None = None
+
+    def transform(self):
+        """timm's eval transform (resize to input_size / crop_pct, center crop, normalise)."""
+        from timm.data import create_transform
+
+        interpolation = "bicubic" if self.interpolation == "random" else self.interpolation
+        return create_transform(
+            input_size=(self.in_chans, self.input_size, self.input_size),
+            is_training=False,
+            interpolation=interpolation,
+            mean=self.mean,
+            std=self.std,
+            crop_pct=self.crop_pct,
+        )
+
+
+def _head_classes(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[str, int, int] | None:
+    """``(key, checkpoint classes, model classes)`` for the first classifier tensor whose shape differs."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            return key, int(value.shape[0]), int(own[key].shape[0])
+    return None
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    ema: bool = False,
+    tag: str = "best",
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    classes: tuple[str, ...] | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[nn.Module, CheckpointInfo]:
+    """The model (eval mode, on ``device``) and its :class:`CheckpointInfo`.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path``.
+        ValueError: unknown model, no model name for foreign weights, or weights that do not fit the model — in
+            particular a classifier for another number of classes (the message gives both numbers).
+    """
+    import timm
+
+    import dsnet  # noqa: F401  (registers the zoo)
+
+    weights_path = ckpt.resolve_checkpoint(path, tag=tag, ema=ema)
+    state, meta = ckpt.load_weights(weights_path)
+    run_dir = Path(path) if Path(path).is_dir() else None
+    name = model_name or meta.get("model")
+    if not name:
+        raise ValueError(f"{weights_path} does not say which model it holds; pass the model name (--model NAME)")
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model {name!r} (from {'--model' if model_name else weights_path})")
+    meta_classes = tuple(meta.get("classes") or ())
+    n = num_classes or (len(classes) if classes else None) or meta.get("num_classes") or len(meta_classes) or None
+    if n is None:  # foreign weights: read the classifier size from the last 2-D tensor
+        n = int(next(v.shape[0] for v in reversed(list(state.values())) if v.ndim == 2))
+    info = CheckpointInfo(
+        path=weights_path,
+        model=name,
+        num_classes=int(n),
+        in_chans=int(meta.get("in_chans", 3)),
+        classes=tuple(classes or meta_classes or [str(i) for i in range(int(n))]),
+        input_size=int(meta.get("input_size", 224)),
+        crop_pct=float(meta.get("crop_pct", 0.875)),
+        interpolation=str(meta.get("interpolation", "bicubic")),
+        mean=tuple(meta.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(meta.get("std", (0.229, 0.224, 0.225))),
+        model_kwargs=dict(meta.get("model_kwargs") or {}),
+        run_dir=run_dir,
+    )
+    if len(info.classes) != info.num_classes:
+        raise ValueError(f"{len(info.classes)} class names given for a {info.num_classes}-class model")
+    model = timm.create_model(name, num_classes=info.num_classes, in_chans=info.in_chans, **info.model_kwargs)
+    mismatch = _head_classes(state, model)
+    if mismatch is not None:
+        key, have, want = mismatch
+        raise ValueError(
+            f"{weights_path}: {key} has shape {tuple(state[key].shape)}, the {name} model expects "
+            f"{tuple(model.state_dict()[key].shape)}"
+            + (f" — the checkpoint has {have} classes but {want} are expected" if have != want else "")
+        )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights_path} does not fit {name}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+        )
+    return model.to(device).eval(), info
+
+
+def collect_images(inputs: list[str | Path]) -> list[Path]:
+    """Image files of ``inputs`` (files kept as given; folders searched recursively, sorted).
+
+    Raises:
+        FileNotFoundError: an input does not exist, or a folder holds no image.
+    """
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise FileNotFoundError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path} does not exist")
+    return files
+
+
+@dataclass
+class Prediction:
+    """Top-k labels of one image (``error`` set instead when the file could not be read)."""
+
+    path: str
+    labels: list[str] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+@torch.no_grad()
+def predict_files(
+    model: nn.Module, info: CheckpointInfo, files: list[Path], *, top_k: int = 5, batch_size: int = 32
+) -> list[Prediction]:
+    """Top-``top_k`` classes with softmax probabilities for each file; unreadable files get ``error``."""
+    transform = info.transform()
+    mode = "L" if info.in_chans == 1 else "RGB"
+    device = next(model.parameters()).device
+    k = min(top_k, info.num_classes)
+    results: list[Prediction] = []
+    batch: list[tuple[Prediction, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        probs = model(torch.stack([x for _, x in batch]).to(device)).float().softmax(-1)  # (B, classes)
+        values, indices = probs.topk(k, dim=-1)
+        for (pred, _), v, i in zip(batch, values.tolist(), indices.tolist()):
+            pred.indices, pred.probs, pred.labels = i, v, [info.classes[j] for j in i]
+        batch.clear()
+
+    for path in files:
+        pred = Prediction(path=str(path))
+        results.append(pred)
+        try:
+            batch.append((pred, transform(load_image(path, mode))))
+        except ImageLoadError as err:
+            pred.error = str(err)
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    return results
