@@ -55,7 +55,7 @@ def evaluate_checkpoint(
             f"{info.path} predicts {info.num_classes} classes but the {cfg.data.dataset} {split} set has "
             f"{len(dataset.classes)} ({', '.join(dataset.classes[:5])}{', ...' if len(dataset.classes) > 5 else ''})"
         )
-    data = TransformedDataset(dataset, info.transform())
+    data = TransformedDataset(dataset, info.transform(), replace_bad=False)
     sampler = ShardedEpochSampler(len(data), batch_size, shuffle=False)
     loader = torch.utils.data.DataLoader(
         data, batch_size=batch_size, sampler=sampler, num_workers=cfg.data.workers, collate_fn=collate_with_bad_files
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     for name, acc in zip(result.classes, result.per_class):
         print(f"  {name:<{width}}  {acc:6.2f}%")
     if result.bad_files:
-        print(f"{len(result.bad_files)} unreadable image(s) were replaced by their neighbours; first: {result.bad_files[0]}")
+        print(f"{len(result.bad_files)} unreadable image(s) skipped (not counted); first: {result.bad_files[0]}")
     print(f"wrote {output / 'eval.json'} and {output / 'confusion.png'}")
     return 0
 

@@ -18,7 +18,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     classes = None
     if args.classes:
-        classes = tuple(line.strip() for line in open(args.classes) if line.strip())
+        with open(args.classes) as handle:
+            classes = tuple(line.strip() for line in handle if line.strip())
     model, info = load_checkpoint(
         args.checkpoint,
         ema=args.ema,

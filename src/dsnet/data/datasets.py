@@ -129,10 +129,18 @@ class TransformedDataset(Dataset):
 
     Keys are ints or ``(index, epoch)`` pairs (as :class:`ShardedEpochSampler` yields). Items are
     ``(tensor, target, bad)`` where ``bad`` lists the files skipped to produce this sample (usually empty).
+    With ``replace_bad=False`` (evaluation) an unreadable file gives ``(None, target, [message])`` instead, which
+    :func:`collate_with_bad_files` drops: evaluation then counts only the images it really saw.
     """
 
-    def __init__(self, base: ClassificationDataset, transform: Callable[[Image.Image], Any], seed: int = 0) -> None:
-        self.base, self.transform, self.seed = base, transform, seed
+    def __init__(
+        self,
+        base: ClassificationDataset,
+        transform: Callable[[Image.Image], Any],
+        seed: int = 0,
+        replace_bad: bool = True,
+    ) -> None:
+        self.base, self.transform, self.seed, self.replace_bad = base, transform, seed, replace_bad
 
     def __len__(self) -> int:
         return len(self.base)
@@ -146,6 +154,8 @@ class TransformedDataset(Dataset):
                 image = self.base.load(current)
             except ImageLoadError as err:
                 bad.append(str(err))
+                if not self.replace_bad:
+                    return None, int(self.base.targets[current]), bad
                 continue
             with torch.random.fork_rng(devices=[]):
                 state = random.getstate(), np.random.get_state()

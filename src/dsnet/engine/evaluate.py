@@ -81,6 +81,8 @@ def evaluate(
     bad: list[str] = []
     for images, targets, bad_files in loader:
         bad.extend(bad_files)
+        if targets.numel() == 0:
+            continue
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if channels_last:

@@ -219,7 +219,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
     if num_classes != len(train_set.classes):
         raise ValueError(f"model.num_classes={num_classes} but the training set has {len(train_set.classes)} classes")
     train_data = TransformedDataset(train_set, build_transform(d, cfg.model.in_chans, True), t.seed)
-    val_data = TransformedDataset(val_set, build_transform(d, cfg.model.in_chans, False), t.seed)
+    val_data = TransformedDataset(val_set, build_transform(d, cfg.model.in_chans, False), t.seed, replace_bad=False)
     sampler = ShardedEpochSampler(len(train_data), t.batch_size, rank=dist_info.rank, world_size=world, seed=t.seed)
     updates_per_epoch = sampler.updates_per_epoch
     val_batch = max(micro, 64)
