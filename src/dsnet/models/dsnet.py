@@ -625,9 +625,10 @@ class DSNet(nn.Module):
         self.stages = self.stages[: max_index + 1]
         if prune_norm or prune_end:
             self.norm = nn.Identity()
-        if prune_end:
+        if prune_end:  # the head was sized for the last stage: rebuild it (without classifier) for the new end
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
             self.head.reset(0, "", in_features=self.num_features)
+            self.num_classes = 0
         elif prune_head:
             self.reset_classifier(0, "")
         return take_indices
