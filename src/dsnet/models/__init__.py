@@ -3,6 +3,7 @@
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
 from dsnet.models._zoo import list_zoo
 from dsnet.models.dsnet import DSNet
+from dsnet.models.mixformer import MixFormer
 from dsnet.models.transxnet import TransXNet
 
-__all__ = ["PAPER_FIGURES", "DSNet", "PaperFigures", "TransXNet", "list_zoo"]
+__all__ = ["PAPER_FIGURES", "DSNet", "MixFormer", "PaperFigures", "TransXNet", "list_zoo"]
