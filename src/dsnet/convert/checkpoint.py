@@ -11,6 +11,7 @@ import argparse
 import os
 import pickle
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -156,22 +157,26 @@ def load_torch_checkpoint(
         head = f.read(8)
     if not head:
         raise ValueError(f"{path}: the file is empty")
+    # a pickle that is not a zip archive: a legacy torch.save file, or (more likely) a Paddle .pdparams
+    hint = " (a Paddle .pdparams file? convert it with `dsnet convert paddle`)" if head[:1] == b"\x80" else ""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "Detected pickle protocol 4": we explain below
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # torch explains refused globals at length; keep its first line, which names the global.
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "Unsupported global" in str(err) or "Weights only load failed" in str(err):
-            detail = next((line for line in str(err).splitlines() if "Unsupported global" in line), first)
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith(boilerplate)]
+        refused = next((line for line in lines if "global" in line.lower()), None)
+        if refused is not None:  # torch explains at length; keep the line that names the refused global
             raise ValueError(
-                f"{path}: refusing to load: the checkpoint needs code beyond plain tensors ({detail.strip()}). "
-                "Nothing was executed."
+                f"{path}: refusing to load: the checkpoint needs more than plain tensors ({refused}). "
+                f"Nothing was executed.{hint}"
             ) from None
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+        raise ValueError(
+            f"{path}: not a readable PyTorch checkpoint ({lines[0] if lines else 'unpickling error'}){hint}"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, AttributeError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        hint = " (a Paddle .pdparams file? convert it with `dsnet convert paddle`)" if head[:1] == b"\x80" else ""
         raise ValueError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({first}){hint}") from None
     state_dict, used = unwrap_state_dict(checkpoint, source=path, entry=entry)
     return strip_prefix(state_dict), used
