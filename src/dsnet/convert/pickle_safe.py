@@ -135,7 +135,15 @@ def load_numpy_pickle(path: str | os.PathLike[str]) -> Any:
             raise
         except EOFError:
             raise ValueError(f"{path}: the pickle ends early (truncated file?)") from None
-        except (pickle.UnpicklingError, ValueError, TypeError, IndexError, KeyError, AttributeError) as err:
+        except (
+            pickle.UnpicklingError,
+            ValueError,
+            TypeError,
+            IndexError,
+            KeyError,
+            AttributeError,
+            OverflowError,
+        ) as err:
             raise ValueError(f"{path}: corrupt or truncated pickle ({type(err).__name__}: {err})") from None
         if f.read(1):
             raise ValueError(f"{path}: unexpected bytes after the end of the pickle (corrupt file?)")
