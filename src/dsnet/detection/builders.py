@@ -39,7 +39,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from dsnet.detection.ds_fpn import DSFPN, DSPosition
 
-__all__ = ["BackboneWithPyramid", "NECKS", "NORM_MODES", "create_backbone", "maskrcnn", "retinanet"]
+__all__ = ["NECKS", "NORM_MODES", "BackboneWithPyramid", "create_backbone", "maskrcnn", "retinanet"]
 
 Neck = Literal["fpn", "ds_fpn"]
 NormMode = Literal["frozen", "eval", "train"]
@@ -194,7 +194,9 @@ def create_backbone(
             raise FileNotFoundError(f"backbone checkpoint not found: {checkpoint}")
         pretrained = True
         model_kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint), "num_classes": 0}
-    body = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=(-4, -3, -2, -1), **model_kwargs)
+    body = timm.create_model(
+        name, pretrained=pretrained, features_only=True, out_indices=(-4, -3, -2, -1), **model_kwargs
+    )
     reductions = tuple(body.feature_info.reduction())
     if reductions != _STAGE_REDUCTIONS:
         raise ValueError(f"backbone {name!r} has feature levels of stride {reductions}; expected {_STAGE_REDUCTIONS}")
@@ -307,4 +309,3 @@ def maskrcnn(
 def count_params(model: nn.Module) -> int:
     """Number of parameters of ``model``."""
     return sum(p.numel() for p in model.parameters())
-

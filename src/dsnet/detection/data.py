@@ -208,7 +208,9 @@ class CocoDetection(torch.utils.data.Dataset):
                     rle = seg
                 masks[i] = mask_utils.decode(rle)
             except (TypeError, ValueError, AttributeError, KeyError) as err:
-                raise ValueError(f"{self.ann_file}: annotation id {ann['id']} has a broken segmentation: {err}") from None
+                raise ValueError(
+                    f"{self.ann_file}: annotation id {ann['id']} has a broken segmentation: {err}"
+                ) from None
         return torch.from_numpy(masks)
 
 
@@ -277,7 +279,9 @@ def make_fashion_detection(
     if train < 0 or val < 0 or train + val == 0:
         raise ValueError(f"need a positive number of images, got train={train}, val={val}")
     out = Path(out)
-    categories = [{"id": i + 1, "name": name, "supercategory": "fashion"} for i, name in enumerate(FASHION_MNIST_CLASSES)]
+    categories = [
+        {"id": i + 1, "name": name, "supercategory": "fashion"} for i, name in enumerate(FASHION_MNIST_CLASSES)
+    ]
     for split_index, (split, count, source) in enumerate((("train", train, "train"), ("val", val, "test"))):
         if count == 0:
             continue
@@ -309,7 +313,8 @@ def make_fashion_detection(
                 )
         meta = {"description": f"dsnet Fashion-MNIST detection, {split}", "seed": seed, "size": size}
         tmp = ann_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"info": meta, "images": images, "annotations": annotations, "categories": categories}))
+        tmp.write_text(
+            json.dumps({"info": meta, "images": images, "annotations": annotations, "categories": categories})
+        )
         tmp.replace(ann_file)
     return out
-

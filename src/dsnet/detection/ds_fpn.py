@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
-__all__ = ["DS_POSITIONS", "DSFPN", "DSLastLevelMaxPool", "DSLastLevelP6P7", "DSPosition", "ds_block"]
+__all__ = ["DSFPN", "DS_POSITIONS", "DSLastLevelMaxPool", "DSLastLevelP6P7", "DSPosition", "ds_block"]
 
 DSPosition = Literal["last", "lateral", "lateral_rev", "lateral_extra"]
 #: Valid values of ``DSFPN(position=...)``; ``None`` means a plain FPN.
@@ -72,15 +72,17 @@ GLOBAL_GRID_STRIDE = 32
 def ds_block(dim: int, stride: int, **kwargs: Any) -> nn.Module:
     """A DS-Block for a pyramid level of ``dim`` channels and ``stride`` (image pixels per feature pixel).
 
-    ``num_heads`` defaults to ``dim // 64`` (head dim 32 on the global half) and the global stream is downsampled
-    onto the stride-32 grid of the image (see the module docstring). Other ``kwargs`` go to
-    :class:`dsnet.models.dsnet.DSBlock`.
+    ``num_heads`` defaults to ``dim // 64`` (head dim 32 on the global half), the global stream is downsampled
+    onto the stride-32 grid of the image (``global_stride = max(1, 32 // stride)``, see the module docstring) and
+    attention dropout is off (the backbone's 0.1 is a quirk of the reference classification training). Other
+    ``kwargs`` go to :class:`dsnet.models.dsnet.DSBlock` (``alignment``, ``global_ratio``, ``drop_path``, ...).
     """
     from dsnet.models.dsnet import DSBlock
 
     kwargs.setdefault("num_heads", max(1, dim // 64))
     kwargs.setdefault("mlp_ratio", 4.0)
-    kwargs.setdefault("global_downsample", max(1, GLOBAL_GRID_STRIDE // stride))
+    kwargs.setdefault("global_stride", max(1, GLOBAL_GRID_STRIDE // stride))
+    kwargs.setdefault("attn_drop", 0.0)
     return DSBlock(dim, **kwargs)
 
 
@@ -170,8 +172,8 @@ class DSFPN(nn.Module):
             strides = [first * 2**i for i in range(len(in_channels_list))]
         if len(strides) != len(in_channels_list):
             raise ValueError(f"{len(strides)} strides given for {len(in_channels_list)} levels")
-        block_kwargs = {"inter_scale_alignment": True, **(block_kwargs or {})}
-        extra_block_kwargs = {"inter_scale_alignment": False, **(extra_block_kwargs or {})}
+        block_kwargs = {"alignment": True, **(block_kwargs or {})}
+        extra_block_kwargs = {"alignment": False, **(extra_block_kwargs or {})}
         self.position = position
         self.out_channels = out_channels
 
@@ -190,7 +192,8 @@ class DSFPN(nn.Module):
             rev = position == "lateral_rev"
             self.lateral_blocks_after.append(block(out_channels, s, **block_kwargs) if rev else nn.Identity())
             last = position == "last"
-            self.output_blocks.append(block(out_channels, s, **block_kwargs) if last else _conv(out_channels, out_channels, 3))
+            output = block(out_channels, s, **block_kwargs) if last else _conv(out_channels, out_channels, 3)
+            self.output_blocks.append(output)
 
         self.extra_blocks: ExtraFPNBlock | None = None
         extra_stride = strides[-1] * 2
@@ -227,4 +230,3 @@ class DSFPN(nn.Module):
         if self.extra_blocks is not None:
             results, names = self.extra_blocks(results, features, names)
         return OrderedDict(zip(names, results))
-

@@ -56,7 +56,12 @@ def to_coco_results(
             binary = (out["masks"].detach().cpu()[:, 0] > mask_threshold).numpy().astype(np.uint8)  # (N, H, W)
             rles = [mask_utils.encode(np.asfortranarray(m)) for m in binary]
         for k, (box, score, label) in enumerate(zip(xywh, scores, labels)):
-            row = {"image_id": int(image_id), "category_id": int(label_to_category_id(int(label))), "bbox": box, "score": score}
+            row = {
+                "image_id": int(image_id),
+                "category_id": int(label_to_category_id(int(label))),
+                "bbox": box,
+                "score": score,
+            }
             if rles is not None:
                 rle = rles[k]
                 row["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
@@ -64,7 +69,9 @@ def to_coco_results(
     return results
 
 
-def coco_evaluate(coco_gt: Any, results: list[dict[str, Any]], iou_types: tuple[str, ...] = ("bbox",)) -> dict[str, float]:
+def coco_evaluate(
+    coco_gt: Any, results: list[dict[str, Any]], iou_types: tuple[str, ...] = ("bbox",)
+) -> dict[str, float]:
     """COCO metrics of ``results`` against ``coco_gt``: keys like ``bbox_AP``, ``segm_AP50`` (fractions in [0, 1]).
 
     No detections at all gives 0 for every metric (pycocotools itself refuses an empty result list).
