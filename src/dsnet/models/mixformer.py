@@ -178,7 +178,7 @@ class MixingAttention(nn.Module):
         return bias.view(area, area, -1).permute(2, 0, 1)  # (heads, N, N)
 
     def _window_attention(self, x: torch.Tensor, value_gate: torch.Tensor) -> torch.Tensor:
-        """Self-attention inside non-overlapping windows of x (B, H, W, C/2); values scaled by value_gate (B, C/2)."""
+        """Self-attention inside the windows of x (B, H, W, C/2), values scaled by value_gate (B, C/2, 1, 1)."""
         batch, height, width, channels = x.shape
         ws = self.window_size
         windows = window_partition(x, (ws, ws)).reshape(-1, ws * ws, channels)  # (B·nW, N, C/2)
@@ -434,6 +434,9 @@ class MixFormer(nn.Module):
         attn_drop_rate: dropout on attention weights.
         drop_path_rate: stochastic depth, linearly increasing over all blocks up to this rate.
         device, dtype: where and how to create the parameters (``device="meta"`` allocates nothing).
+
+    Training needs at least 2 images per device: the channel interaction batch-normalises one pooled
+    vector per image (as the official model does).
     """
 
     def __init__(
@@ -699,7 +702,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MixFormer) -> dic
     Example:
         >>> from dsnet.convert.pickle_safe import load_pdparams  # doctest: +SKIP
         >>> model = timm.create_model("mixformer_b1")  # doctest: +SKIP
-        >>> model.load_state_dict(checkpoint_filter_fn(load_pdparams("MixFormer_B1_pretrained.pdparams"), model))
+        >>> paddle_weights = load_pdparams("MixFormer_B1_pretrained.pdparams")  # doctest: +SKIP
+        >>> state_dict = checkpoint_filter_fn(paddle_weights, model)  # doctest: +SKIP
+        >>> model.load_state_dict(state_dict)  # doctest: +SKIP
     """
     from dsnet.convert.checkpoint import verify_state_dict
 
@@ -714,7 +719,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MixFormer) -> dic
     for key, value in state_dict.items():
         if not hasattr(value, "shape"):  # Paddle metadata such as "StructuredToParameterName@@"
             continue
-        tensor = torch.as_tensor(value)
+        tensor = value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(value)
         new_key = paddle_key_to_ours(key)
         if new_key is None:  # a relative position index: must be the one of our window size
             if tensor.shape != index.shape or not torch.equal(tensor.long(), index):
