@@ -13,12 +13,13 @@ import argparse
 import contextlib
 import importlib.util
 import io
+import os
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
-import paddle
 import pytest
 import timm
 import torch
@@ -26,6 +27,23 @@ from safetensors.torch import load_file
 
 from dsnet.cli.main import main
 from dsnet.convert.dsnet_reference import PADDLE_LINEAR_MODULES
+
+
+def _import_paddle_keeping_environment() -> types.ModuleType:
+    """Importing paddle sets OMP_NUM_THREADS=1 (and more) in os.environ, which every later subprocess of the test
+    session (CLI runs, torchrun) would inherit; put the environment back as it was."""
+    before = dict(os.environ)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No ccache found")  # paddle's C++-extension builder, unused here
+        import paddle
+
+    for key in set(os.environ) - set(before):
+        del os.environ[key]
+    os.environ.update(before)
+    return paddle
+
+
+paddle = _import_paddle_keeping_environment()
 
 pytestmark = pytest.mark.paddle
 
