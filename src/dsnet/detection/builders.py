@@ -13,7 +13,8 @@ Norms in the backbone (``norm``):
   backbone and the small per-device batches of detection.
 * ``"eval"`` (mmdet's ``norm_eval=True``): BN layers stay ``BatchNorm2d`` but are kept in eval mode during training,
   so statistics are fixed while affine parameters of trainable stages learn.
-* ``"train"``: ordinary BN that updates its statistics; for a backbone trained from scratch with enough images per batch.
+* ``"train"``: ordinary BN that updates its statistics; for a backbone trained from scratch with enough images
+  per batch.
 
 Other norms (the LayerNorms of DS-Net's global stream) follow ``trainable_stages``. The neck and the heads are always
 trainable and keep their own norms.

@@ -53,6 +53,7 @@ class DetModelConfig:
     pretrained_backbone: bool = False  # load the backbone's timm pretrained weights
     backbone_checkpoint: str | None = None  # local backbone weights (.safetensors / .pth, loaded without code)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    score_thresh: float = 0.05  # detections scoring less are dropped at inference (torchvision's default)
 
 
 @dataclass
@@ -92,7 +93,6 @@ class DetRunConfig:
     name: str | None = None  # run folder name; None: "<arch>-<backbone>-<neck>-<timestamp>"
     log_interval: int = 20  # updates between step records
     eval_interval: int = 1  # epochs between evaluations (and after the last)
-    score_thresh: float = 0.05  # evaluation score threshold
     progress: bool = True  # tqdm progress bars
 
 
@@ -181,7 +181,10 @@ def build_model(cfg: DetModelConfig, num_classes: int) -> nn.Module:
     """The torchvision detector described by ``cfg`` (``num_classes`` includes the background)."""
     from dsnet.detection import builders
 
-    make = builders.retinanet if cfg.arch == "retinanet" else builders.maskrcnn
+    if cfg.arch == "retinanet":
+        make, extra = builders.retinanet, {"score_thresh": cfg.score_thresh}
+    else:
+        make, extra = builders.maskrcnn, {"box_score_thresh": cfg.score_thresh}
     return make(
         cfg.backbone,
         num_classes=num_classes,
@@ -195,6 +198,7 @@ def build_model(cfg: DetModelConfig, num_classes: int) -> nn.Module:
         pretrained_backbone=cfg.pretrained_backbone,
         backbone_checkpoint=cfg.backbone_checkpoint,
         backbone_kwargs=cfg.backbone_kwargs,
+        **extra,
     )
 
 
