@@ -16,6 +16,8 @@ therefore load without any change of structure.
 Global token grid: the global stream of stage ``i`` is bilinearly resized to ``(H_i // s_i, W_i // s_i)`` with
 ``s = (8, 4, 2, 2)`` (7×7, 7×7, 7×7, 3×3 at 224×224 input) and clamped to at least 1×1, so any input of at least
 32×32 pixels works, square or not, divisible by 32 or not. ``global_grid_sizes`` fixes the grids instead.
+The model traces with torch.fx and exports to ONNX with dynamic batch/height/width; export with an example input
+whose every global grid side is at least 2 (e.g. 224×224, batch 2), since torch.export specialises sizes of 1.
 
 State-dict names (a contract: ``dsnet.convert`` maps the reference names onto them)::
 
@@ -115,18 +117,14 @@ def resize_to_global_grid(x: torch.Tensor, stride: int, grid_size: GridSize | No
 
     The grid is ``grid_size`` when given, else ``(H // stride, W // stride)``; each side is at least 1.
     """
-    if grid_size is None:
-        grid_size = (max(1, x.shape[-2] // stride), max(1, x.shape[-1] // stride))
-    if tuple(x.shape[-2:]) == tuple(grid_size):
-        return x
+    if grid_size is None:  # torch.sym_max keeps the size symbolic under torch.export (dynamic ONNX shapes)
+        grid_size = (torch.sym_max(1, x.shape[-2] // stride), torch.sym_max(1, x.shape[-1] // stride))
     return F.interpolate(x, size=grid_size, mode="bilinear", align_corners=False)
 
 
 @register_notrace_function
 def resize_like(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Bilinearly resize ``x`` (B, C, h, w) to the spatial size of ``reference`` (B, *, H, W)."""
-    if x.shape[-2:] == reference.shape[-2:]:
-        return x
     return F.interpolate(x, size=reference.shape[-2:], mode="bilinear", align_corners=False)
 
 
