@@ -81,8 +81,8 @@ def test_table6_parameter_counts():
 
 def test_backbone_trainable_stages_and_norms():
     backbone = create_backbone("resnet18", neck="fpn", trainable_stages=2, norm="eval")
-    trainable = {n.split(".")[1] for n, p in backbone.body.named_parameters() if p.requires_grad}
-    frozen = {n.split(".")[1] for n, p in backbone.body.named_parameters() if not p.requires_grad}
+    trainable = {n.split(".")[0] for n, p in backbone.body.named_parameters() if p.requires_grad}
+    frozen = {n.split(".")[0] for n, p in backbone.body.named_parameters() if not p.requires_grad}
     assert trainable == {"layer3", "layer4"}
     assert frozen == {"conv1", "bn1", "layer1", "layer2"}  # the stem counts with stage 1
     backbone.train()
@@ -275,6 +275,8 @@ def test_maskrcnn_trains_and_reports_mask_ap(fashion_det, tmp_path):
             "data.batch_size=4",
             "optim.epochs=1",
             "optim.warmup_iters=1",
+            "data.max_train_images=8",
+            "data.max_val_images=3",
             "model.score_thresh=0.0",
         ],
     )

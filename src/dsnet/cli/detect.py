@@ -55,6 +55,11 @@ def _predict(args: argparse.Namespace) -> int:
     from dsnet.detection.engine import draw_predictions, load_model
 
     model, _, classes = load_model(args.run, args.tag)
+    # let the detector keep everything the drawing threshold asks for
+    if hasattr(model, "score_thresh"):
+        model.score_thresh = min(model.score_thresh, args.score_thresh)  # RetinaNet
+    if hasattr(model, "roi_heads"):
+        model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, args.score_thresh)  # Mask R-CNN
     images = [Path(p) for p in args.images]
     out = Path(args.out)
     if len(images) > 1:
