@@ -172,13 +172,18 @@ class TransformedDataset(Dataset):
         raise ImageLoadError(f"{len(bad)} consecutive unreadable images, the last: {bad[-1]}")
 
 
-def collate_with_bad_files(
-    items: list[tuple[torch.Tensor, int, list[str]]],
-) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Stack ``(tensor, target, bad)`` items into ``(images (B, C, H, W), targets (B,), bad files)``."""
-    images = torch.stack([item[0] for item in items])
-    targets = torch.tensor([item[1] for item in items], dtype=torch.int64)
-    return images, targets, [b for item in items for b in item[2]]
+def collate_with_bad_files(items: list[tuple[Any, int, list[str]]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Stack ``(tensor, target, bad)`` items into ``(images (B, C, H, W), targets (B,), bad files)``.
+
+    Items whose tensor is ``None`` (unreadable, not replaced) are left out of the batch.
+    """
+    bad = [b for item in items for b in item[2]]
+    kept = [item for item in items if item[0] is not None]
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64), bad
+    images = torch.stack([item[0] for item in kept])
+    targets = torch.tensor([item[1] for item in kept], dtype=torch.int64)
+    return images, targets, bad
 
 
 class ShardedEpochSampler(Sampler):

@@ -141,6 +141,9 @@ class RunConfig:
         return _plain(dataclasses.asdict(self))
 
 
+#: EMA decay used when a recipe says ``ema: true`` (DeiT's ``model_ema_decay``).
+DEFAULT_EMA_DECAY = 0.99996
+
 #: Flat recipe keys (timm/DeiT style, used by configs/imagenet/*.yaml) → nested field.
 FLAT_KEYS: dict[str, str] = {
     "model": "model.name",
@@ -253,6 +256,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 
 def _set(cfg: RunConfig, dotted: str, value: Any, where: str) -> None:
     dotted = FLAT_KEYS.get(dotted, dotted)
+    if dotted == "train.ema" and isinstance(value, bool):  # flat recipes say `ema: true|false`
+        value = DEFAULT_EMA_DECAY if value else 0.0
     parts = dotted.split(".")
     if len(parts) == 3 and parts[1] == "kwargs" and parts[0] == "model":
         cfg.model.kwargs[parts[2]] = value

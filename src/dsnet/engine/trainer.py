@@ -299,7 +299,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         if ema is not None:
-            ema.load_state_dict(state["ema"])
+            ema.module.load_state_dict(state["ema"])
         ckpt.restore_rng(state["rng"])
         start_epoch, start_update_in_epoch, update = state["epoch"], state["update_in_epoch"], state["update"]
         best, elapsed_train, samples_seen = state["best"], state["elapsed_train"], state["samples_seen"]
@@ -424,12 +424,12 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
                     finite = all_reduce_sum(finite.clone()) / world
                 if float(finite) < 1:
                     raise NonFiniteLossError(
-                        f"training loss is {float(loss):.4g} at epoch {epoch + 1}, update {update} "
+                        f"training loss is {loss.item():.4g} at epoch {epoch + 1}, update {update} "
                         f"(lr {optimizer.param_groups[0]['lr']:.3g}); lower optim.lr, set optim.clip_grad, "
                         "or use train.amp=none"
                     )
                 scaler.scale(loss / t.accum_steps).backward()
-            loss_sum += torch.tensor([float(loss) * len(images), len(images)], dtype=torch.float64)
+            loss_sum += torch.tensor([loss.item() * len(images), len(images)], dtype=torch.float64)
             micro_index += 1
             if not last_micro:
                 continue
@@ -446,7 +446,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
             if ema is not None:
                 ema.update(model, step=update)
             samples_seen += t.batch_size
-            bar.update(t.batch_size, loss=float(loss))
+            bar.update(t.batch_size, loss=loss.item())
             if update % t.log_interval == 0 or update_in_epoch == updates_per_epoch:
                 reduced = all_reduce_sum(loss_sum.clone())
                 now = time.perf_counter()

@@ -1,0 +1,142 @@
+"""Bad and unusual image files, folder datasets, and the deterministic sharded sampler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dsnet.data.datasets import (
+    ImageFolderDataset,
+    ShardedEpochSampler,
+    TransformedDataset,
+    collate_with_bad_files,
+)
+from dsnet.data.images import ImageLoadError, load_image
+
+
+def test_grey_rgba_cmyk_16bit_palette_convert_correctly(tmp_path):
+    Image.new("L", (5, 4), 77).save(tmp_path / "grey.png")
+    rgb = load_image(tmp_path / "grey.png")
+    assert rgb.mode == "RGB" and rgb.size == (5, 4) and rgb.getpixel((0, 0)) == (77, 77, 77)
+    assert load_image(tmp_path / "grey.png", "L").getpixel((0, 0)) == 77
+
+    rgba = Image.new("RGBA", (4, 4), (200, 10, 10, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))  # fully transparent black pixel → white background
+    rgba.save(tmp_path / "rgba.png")
+    out = load_image(tmp_path / "rgba.png")
+    assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 1)) == (200, 10, 10)
+
+    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=100)  # pure red in CMYK
+    red = np.asarray(load_image(tmp_path / "cmyk.jpg"), dtype=int)
+    assert red[..., 0].min() > 230 and red[..., 1:].max() < 25
+
+    wide = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))  # half of the 16-bit range
+    wide.save(tmp_path / "grey16.png")
+    assert load_image(tmp_path / "grey16.png").getpixel((0, 0)) == (128, 128, 128)  # rescaled, not clipped to 255
+
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    palette.save(tmp_path / "palette.gif")
+    assert load_image(tmp_path / "palette.gif").getpixel((2, 2)) == (10, 200, 30)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("empty.png", b"", "empty file"),
+        ("text.jpg", b"this is not an image at all", "not an image"),
+        ("truncated.png", None, "corrupt or truncated"),
+    ],
+)
+def test_bad_files_raise_naming_the_file(tmp_path, name, content, reason):
+    path = tmp_path / name
+    if content is None:
+        Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "full.png")
+        path.write_bytes((tmp_path / "full.png").read_bytes()[:100])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ImageLoadError, match=rf"{name}.*{reason}|{reason}.*{name}"):
+        load_image(path)
+
+
+def test_truncated_jpeg_is_not_silently_padded(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "full.jpg")
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageLoadError, match=r"cut\.jpg"):
+        load_image(tmp_path / "cut.jpg")
+
+
+def test_missing_and_empty_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope does not exist"):
+        ImageFolderDataset(tmp_path / "nope")
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        ImageFolderDataset(tmp_path)
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no image files"):
+        ImageFolderDataset(tmp_path)
+
+
+def test_unreadable_training_file_is_replaced_and_reported(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / name / "0.png")
+    (tmp_path / "a" / "1.png").write_bytes(b"")  # sorted after 0.png: index 1
+    dataset = ImageFolderDataset(tmp_path)
+    assert len(dataset) == 3
+
+    def to_tensor(image):
+        return torch.from_numpy(np.asarray(image).copy())
+
+    train = TransformedDataset(dataset, to_tensor)
+    images, targets, bad = collate_with_bad_files([train[i] for i in range(3)])
+    assert images.shape == (3, 8, 8, 3) and targets.tolist() == [0, 1, 1]  # index 1 replaced by index 2
+    assert len(bad) == 1 and "1.png" in bad[0] and "empty file" in bad[0]
+
+    evaluation = TransformedDataset(dataset, to_tensor, replace_bad=False)
+    images, targets, bad = collate_with_bad_files([evaluation[i] for i in range(3)])
+    assert images.shape[0] == 2 and targets.tolist() == [0, 1] and len(bad) == 1  # dropped, not replaced
+
+
+def test_augmentation_depends_on_sample_and_epoch_only():
+    class Noise(ImageFolderDataset):
+        def __init__(self):
+            self.targets, self.classes = [0] * 4, ("x",)
+
+        def load(self, index):
+            return Image.new("L", (4, 4), index)
+
+    dataset = TransformedDataset(Noise(), lambda image: torch.rand(3), seed=5)
+    first = dataset[(2, 0)][0]
+    torch.manual_seed(123)  # the global generator must not matter
+    assert torch.equal(dataset[(2, 0)][0], first)
+    assert not torch.equal(dataset[(2, 1)][0], first)
+    assert not torch.equal(dataset[(3, 0)][0], first)
+
+
+def test_sharded_sampler_matches_single_process_and_resumes():
+    single = ShardedEpochSampler(50, 8, seed=3)
+    single.set_epoch(1)
+    order = [i for i, _ in single]
+    assert len(order) == len(single) == 48 and len(set(order)) == 48  # 6 full updates, the rest dropped
+    ranks = [ShardedEpochSampler(50, 8, rank=r, world_size=2, seed=3) for r in range(2)]
+    for sampler in ranks:
+        sampler.set_epoch(1)
+    shards = [[i for i, _ in s] for s in ranks]
+    for update in range(6):  # every update sees the same 8 samples, split over the ranks
+        together = shards[0][update * 4 : update * 4 + 4] + shards[1][update * 4 : update * 4 + 4]
+        assert sorted(together) == sorted(order[update * 8 : update * 8 + 8])
+    single.set_epoch(1, start_update=4)
+    assert [i for i, _ in single] == order[32:] and len(single) == 16
+    single.set_epoch(2)
+    assert [i for i, _ in single] != order
+
+    evaluation = [ShardedEpochSampler(11, 4, rank=r, world_size=2, shuffle=False) for r in range(2)]
+    seen = sorted(i for s in evaluation for i, _ in s)
+    assert seen == list(range(11))  # no sample dropped or repeated
+    with pytest.raises(ValueError, match="not divisible"):
+        ShardedEpochSampler(10, 3, world_size=2)

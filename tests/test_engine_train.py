@@ -1,0 +1,141 @@
+"""The training loop end to end on a tiny ImageFolder: run folder, checkpoints, bad files, NaN, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from _engine_helpers import CLASSES, fast_overrides, make_imagefolder
+from dsnet.engine.checkpoint import load_training_state, read_metadata
+from dsnet.engine.config import load_config
+from dsnet.engine.trainer import NonFiniteLossError, train
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One short training run (2 epochs) with one unreadable image in the training set."""
+    root = make_imagefolder(tmp_path_factory.mktemp("data"))
+    (root / "train" / "square" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path_factory.mktemp("runs")
+    cfg = load_config(None, fast_overrides(root, out, **{"train.ema": 0.9, "sched.epochs": 3}))
+    with pytest.warns(UserWarning, match=r"zz_broken\.png"):
+        run_dir = train(cfg, log=lambda s: None)
+    return run_dir, root
+
+
+def test_run_folder_contents(tiny_run):
+    run_dir, _ = tiny_run
+    for name in ("config.yaml", "metrics.jsonl", "curves.png", "confusion.png", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    assert load_config(run_dir / "config.yaml").model.name == "test_convnext"  # the resolved config reloads
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["update"] for r in steps] == list(range(1, 13))  # 25 images // batch 6 = 4 updates × 3 epochs
+    assert len(epochs) == 3 and all("top1" in r and "lr" in r for r in epochs)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["bad_files"] == 1 and "zz_broken.png" in summary["bad_file_messages"][0]
+    assert summary["final"]["num_samples"] == 12
+    assert set(summary["final"]["per_class"]) == set(CLASSES)
+    assert summary["final_ema"] is not None
+    assert Image.open(run_dir / "curves.png").size[0] > 500
+
+
+def test_checkpoints_are_safetensors_and_weights_only(tiny_run):
+    run_dir, _ = tiny_run
+    folder = run_dir / "checkpoints"
+    for name in ("last.safetensors", "last_ema.safetensors", "best.safetensors", "best_ema.safetensors"):
+        assert load_file(folder / name), name
+    meta = read_metadata(folder / "last.safetensors")
+    assert meta["model"] == "test_convnext" and meta["classes"] == list(CLASSES) and meta["epoch"] == 3
+    state, _ = load_training_state(folder)  # torch.load(weights_only=True) inside
+    assert {"optimizer", "scheduler", "scaler", "rng", "ema"} <= set(state) and state["update"] == 12
+    assert len(list(folder.glob("last-*.state.pt"))) == 1  # stale states are removed
+    state_file = next(folder.glob("last-*.state.pt"))
+    torch.load(state_file, weights_only=True)
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    root = make_imagefolder(tmp_path / "data", per_class_train=2, per_class_val=1)
+    cfg = load_config(None, fast_overrides(root, tmp_path / "runs", **{"optim.lr": 1e30, "optim.opt": "sgd"}))
+    with pytest.raises(
+        NonFiniteLossError, match=r"training loss is (nan|inf) at epoch \d, update \d+ \(lr [0-9.e+]+\); lower optim.lr"
+    ):
+        train(cfg, log=lambda s: None)
+
+
+def test_dataset_errors_are_clear(tmp_path):
+    cfg = load_config(None, fast_overrides(tmp_path / "nothing", tmp_path / "runs"))
+    with pytest.raises(FileNotFoundError, match="nothing/train does not exist"):
+        train(cfg, log=lambda s: None)
+    root = make_imagefolder(tmp_path / "data", per_class_train=2, per_class_val=1)
+    cfg = load_config(None, fast_overrides(root, tmp_path / "runs", **{"model.num_classes": 5}))
+    with pytest.raises(ValueError, match=r"model\.num_classes=5 but the training set has 3 classes"):
+        train(cfg, log=lambda s: None)
+
+
+def _final_weights(run_dir):
+    return load_file(run_dir / "checkpoints" / "last.safetensors")
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    """SIGKILL mid-epoch, resume, and end bit-identical to a run that was never interrupted.
+
+    Everything random is on: RandomResizedCrop, flips, RandAugment, random erasing, mixup/cutmix, stochastic depth
+    and EMA. Mid-epoch checkpoints come every 2 updates; the test hook pauses the run after each, and the test kills
+    it during the pause that follows update 6 (epoch 2 of 3, 2 of its 4 updates done).
+    """
+    root = make_imagefolder(tmp_path / "data")
+    extra = {
+        "data.aa": "rand-m9-mstd0.5-inc1",
+        "data.reprob": 0.25,
+        "data.mixup": 0.8,
+        "data.cutmix": 1.0,
+        "model.drop_path": 0.1,
+        "train.ema": 0.9,
+        "train.ckpt_interval": 2,
+        "sched.epochs": 3,
+    }
+    overrides = fast_overrides(root, tmp_path / "killed", **extra)
+    args = [sys.executable, "-m", "dsnet.cli.main", "train"] + [a for o in overrides for a in ("--set", o)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DSNET_TEST_PAUSE_AFTER_CHECKPOINT": "60"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            found = list((tmp_path / "killed").glob("*/checkpoints/last.safetensors"))
+            if found and read_metadata(found[0]).get("update") == 6:
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint at update 6 within 240 s")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    killed_dir = found[0].parents[1]
+    state, _ = load_training_state(killed_dir / "checkpoints")
+    assert (state["epoch"], state["update_in_epoch"], state["update"]) == (1, 2, 6)
+    assert not (killed_dir / "summary.json").exists()
+
+    train(resume=killed_dir, log=lambda s: None)
+    reference = train(load_config(None, fast_overrides(root, tmp_path / "straight", **extra)), log=lambda s: None)
+    resumed, straight = _final_weights(killed_dir), _final_weights(reference)
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key  # bitwise
+    ema_resumed = load_file(killed_dir / "checkpoints" / "last_ema.safetensors")
+    ema_straight = load_file(reference / "checkpoints" / "last_ema.safetensors")
+    assert all(torch.equal(ema_resumed[k], ema_straight[k]) for k in ema_straight)
+    steps = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in steps if r["kind"] == "step"] == list(range(1, 13))  # no duplicated records
