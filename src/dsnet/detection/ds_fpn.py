@@ -21,23 +21,29 @@ backbone does at 224 px (a 7×7 global grid in stages 1–3) and what the paper'
 
 Parameters of RetinaNet with the DS-Net-T backbone (``dsnet_tiny_concat``), 80 classes, C3–C5 into the pyramid,
 P6 from C5 and P7 from P6 (mmdet ``add_extra_convs="on_input"``, torchvision's :class:`LastLevelP6P7` when C5 has a
-width other than 256), 9 anchors, 4-conv heads without norm (``python benchmarks/detection.py --table6``):
+width other than 256), 9 anchors, 4-conv heads without norm, BN affine weights counted as parameters
+(``python benchmarks/detection.py --table6``):
 
-=================  ==========  ======================================================
-position           paper (M)   ours (M)
-=================  ==========  ======================================================
-None (FPN)         18.83       18.83
-last               19.59       19.59   (3 DS-Blocks* at 256 replace the 3×3 convs)
-lateral            23.72       23.72   (DS-Blocks* at 128 / 320 / 512)
-lateral_rev        21.36       21.36   (3 DS-Blocks* at 256)
-lateral_extra      24.43       24.43   (lateral + one DS-Block at 256 on P6, concat fusion)
-=================  ==========  ======================================================
+=================  =========  =========  ===========  ==================================================
+position           paper (M)  ours (M)   ours, exact  what is added
+=================  =========  =========  ===========  ==================================================
+None (FPN)         18.83      18.83      18,831,796   (backbone 8.58 M + FPN 3.79 M + head 6.46 M)
+last               19.59      19.59      19,595,572   3 DS-Blocks* at 256 replace the 3×3 output convs
+lateral            23.72      23.72      23,722,708   DS-Blocks* at 128 / 320 / 512 before the 1×1 convs
+lateral_rev        21.36      21.36      21,365,812   3 DS-Blocks* at 256 after the 1×1 convs
+lateral_extra      24.43      24.43      24,434,772   lateral + one concat DS-Block at 256 on P6
+=================  =========  =========  ===========  ==================================================
 
-(Our figures are the measured ones, see the table printed by the benchmark; ``*`` = with inter-scale alignment.)
-The counts single out the design: every added block except the extra-level one has inter-scale alignment
-(12.75·d² + 35.5·d parameters); with concat-only blocks "last" would give 19.20 M and "lateral" 23.06 M. The extra
-block must be a concat-only block at 256 (10.75·d² + 29.5·d = 0.712 M): an aligned one would give 24.56 M and one on
-each of P6 and P7 25.15 M. Hence ``extra_block_kwargs`` defaults to concat fusion and the other blocks to alignment.
+``*`` = with inter-scale alignment. The paper's figures are our exact counts truncated to two decimals (all five).
+The counts single out the design: every block on a backbone level has inter-scale alignment
+(12.75·d² + 35.5·d parameters); with concat-only blocks "last" would be 19.20 M, "lateral" 22.96 M and
+"lateral_rev" 20.97 M. The extra-level block must be concat-only at 256 (10.75·d² + 29.5·d = 0.712 M): an aligned
+one gives 24.57 M, a concat one on each of P6 and P7 25.15 M. Hence ``extra_block_kwargs`` defaults to concat
+fusion and ``block_kwargs`` to alignment. What the parameter counts cannot decide, and we chose: the heads count
+``dim // 64``, attention dropout 0 in the neck, the global grid (stride 32, above), P6 computed from the raw C5 (not
+the DS-refined lateral), and the extra block refining P6 before P7 is derived from it (rather than refining P7).
+With the default ``norm="frozen"`` backbone the count is 10,880 lower (frozen BN keeps its affine weights as
+buffers), and with the starred backbone ``dsnet_tiny`` it is 25.87 M (FPN: 20.27 M).
 
 Example:
     >>> import torch
