@@ -131,7 +131,10 @@ def detect_layout(state_dict: Mapping[str, object]) -> Layout:
 def _to_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
-    return torch.from_numpy(np.ascontiguousarray(value))
+    array = np.ascontiguousarray(value)
+    if not array.flags.writeable:  # some numpy versions unpickle arrays onto read-only bytes; torch wants writable
+        array = array.copy()
+    return torch.from_numpy(array)
 
 
 def _map_name(key: str) -> tuple[str, str, str] | None:
