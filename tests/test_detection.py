@@ -234,11 +234,11 @@ def test_cli_train_resume_eval_predict(fashion_det, tmp_path, capsys):
     run = tmp_path / "run"
     assert {"config.yaml", "metrics.jsonl", "checkpoints"} <= {p.name for p in run.iterdir()}
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["epoch"] == 1 and "bbox_AP" in records[-1]["eval"]
+    assert records[-1]["kind"] == "eval" and records[-1]["epoch"] == 1 and "bbox_AP" in records[-1]
     # resume to a second epoch: the loop continues at epoch 2 from the saved state
     assert main([*_train_args(fashion_det, tmp_path, "optim.epochs=2"), "--resume", str(run)]) == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records if "eval" in r] == [1, 2]
+    assert [r["epoch"] for r in records if r["kind"] == "eval"] == [1, 2]
     capsys.readouterr()
     assert main(["detect", "eval", str(run), "--tag", "last"]) == 0
     assert "bbox_AP75" in json.loads(capsys.readouterr().out)

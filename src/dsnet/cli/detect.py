@@ -29,7 +29,15 @@ def _make_data(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from dsnet.detection.engine import load_detection_config, train
 
-    cfg = load_detection_config(args.config, args.set)
+    overrides = list(args.set or [])
+    if args.data_dir:
+        overrides.append(f"data.root={args.data_dir}")
+    cfg = load_detection_config(args.config, overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
     result = train(cfg, resume=args.resume)
     print(json.dumps(result, indent=2))
     return 0
@@ -53,6 +61,7 @@ def _predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from dsnet.detection.engine import draw_predictions, load_model
+    from dsnet.engine.inference import collect_images
 
     model, _, classes = load_model(args.run, args.tag)
     # let the detector keep everything the drawing threshold asks for
@@ -60,13 +69,11 @@ def _predict(args: argparse.Namespace) -> int:
         model.score_thresh = min(model.score_thresh, args.score_thresh)  # RetinaNet
     if hasattr(model, "roi_heads"):
         model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, args.score_thresh)  # Mask R-CNN
-    images = [Path(p) for p in args.images]
+    images = collect_images(args.images)
     out = Path(args.out)
     if len(images) > 1:
         out.mkdir(parents=True, exist_ok=True)
     for path in images:
-        if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path}")
         with Image.open(path) as im:
             array = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
         image = torch.from_numpy(array).permute(2, 0, 1).float() / 255  # (3, H, W)
@@ -95,9 +102,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.set_defaults(func=_make_data)
 
     t = sub.add_parser("train", help="train a detector (YAML config + overrides)")
-    t.add_argument("--config", default=None, help="YAML recipe (sections model, data, optim, run)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-3")
-    t.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    t.add_argument("--config", "-c", default=None, help="YAML recipe (sections model, data, optim, run)")
+    t.add_argument(
+        "--set",
+        "-s",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. optim.lr=1e-3 (repeatable)",
+    )
+    t.add_argument("--data-dir", help="dataset root (same as --set data.root=DIR)")
+    t.add_argument(
+        "--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
+    )
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="COCO metrics of a trained run")
@@ -110,7 +128,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     q = sub.add_parser("predict", help="draw boxes, labels and masks of a trained run onto images (PNG)")
     q.add_argument("run", help="run folder")
-    q.add_argument("images", nargs="+", help="image files")
+    q.add_argument("images", nargs="+", help="image files or folders")
     q.add_argument("--out", default="prediction.png", help="output PNG (a folder when several images are given)")
     q.add_argument("--tag", default="best", help="checkpoint tag (best or last)")
     q.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this")

@@ -1,8 +1,10 @@
 """Detection runs: typed config, a thin train loop over torchvision's detectors, COCO evaluation, prediction drawings.
 
 A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object per logged step and
-per evaluation) and ``checkpoints/`` (``last``/``best`` written atomically by :mod:`dsnet.engine.checkpoint`).
-``resume`` continues a run from ``checkpoints/last`` (model, optimizer, scheduler, RNG, epoch).
+per evaluation, ``kind`` = ``"step"`` / ``"eval"``, through :class:`dsnet.engine.report.MetricsLog`)
+and ``checkpoints/`` (``last``/``best`` written atomically by :mod:`dsnet.engine.checkpoint`).
+``resume`` continues a run from ``checkpoints/last`` (model, optimizer, RNG and data order, epoch; the learning
+rate follows the update count).
 
 Example (a few seconds on a CPU):
     >>> from dsnet.detection.engine import load_detection_config, train
@@ -281,11 +283,11 @@ def train(cfg: DetectionConfig, *, resume: str | Path | None = None) -> dict[str
     the same config).
     """
     from timm.optim import create_optimizer_v2
-    from tqdm import tqdm
 
     from dsnet.detection.data import collate
     from dsnet.engine.checkpoint import capture_rng, load_training_state, restore_rng, save_checkpoint
     from dsnet.engine.distributed import resolve_device
+    from dsnet.engine.report import MetricsLog, Progress
 
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -321,55 +323,60 @@ def train(cfg: DetectionConfig, *, resume: str | Path | None = None) -> dict[str
         start_epoch, update, best = state["epoch"], state["update"], state["best"]
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    log = (run_dir / "metrics.jsonl").open("a")
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    log.truncate_after(update)  # a resumed run rewrites what came after its last checkpoint
     metadata = {"arch": cfg.model.arch, "backbone": cfg.model.backbone, "classes": train_set.categories}
     metrics: dict[str, Any] = {}
-    try:
-        for epoch in range(start_epoch, cfg.optim.epochs):
-            model.train()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not cfg.run.progress)
-            for images, targets in bar:
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.optim.lr * _lr_factor(update, total, cfg.optim)
-                images = [im.to(device) for im in images]
-                targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-                losses = model(images, targets)
-                loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at update {update} (try a lower optim.lr)")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.optim.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
-                optimizer.step()
-                update += 1
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                if update % cfg.run.log_interval == 0:
-                    record = {"epoch": epoch + 1, "update": update, "lr": optimizer.param_groups[0]["lr"]}
-                    record.update({k: round(v.item(), 5) for k, v in losses.items()}, loss=round(loss.item(), 5))
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-            last_epoch = epoch + 1 == cfg.optim.epochs
-            if (epoch + 1) % cfg.run.eval_interval == 0 or last_epoch:
-                metrics = evaluate(
-                    model, val_set, batch_size=cfg.data.batch_size, limit=cfg.data.max_val_images, device=device
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        model.train()
+        progress = Progress(len(train_subset), f"epoch {epoch + 1}/{cfg.optim.epochs}", enabled=cfg.run.progress)
+        for images, targets in loader:
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.optim.lr * _lr_factor(update, total, cfg.optim)
+            images = [im.to(device) for im in images]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+            losses = model(images, targets)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at update {update} (try a lower optim.lr)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.clip_grad:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
+            optimizer.step()
+            update += 1
+            progress.update(len(images), loss=loss.item())
+            if update % cfg.run.log_interval == 0:
+                values = {k: round(v.item(), 5) for k, v in losses.items()}
+                log.write(
+                    "step",
+                    epoch=epoch + 1,
+                    update=update,
+                    lr=optimizer.param_groups[0]["lr"],
+                    loss=round(loss.item(), 5),
+                    **values,
                 )
-                log.write(json.dumps({"epoch": epoch + 1, "update": update, "eval": metrics}) + "\n")
-                log.flush()
-                if metrics.get("bbox_AP", -1) > best:
-                    best = metrics["bbox_AP"]
-                    save_checkpoint(ckpt_dir, "best", model, metadata={**metadata, "epoch": epoch + 1})
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "rng": capture_rng(),
-                "generator": generator.get_state(),
-                "epoch": epoch + 1,
-                "update": update,
-                "best": best,
-            }
-            save_checkpoint(ckpt_dir, "last", model, training_state=state, metadata={**metadata, "epoch": epoch + 1})
-    finally:
-        log.close()
+        progress.close()
+        last_epoch = epoch + 1 == cfg.optim.epochs
+        if (epoch + 1) % cfg.run.eval_interval == 0 or last_epoch:
+            metrics = evaluate(
+                model, val_set, batch_size=cfg.data.batch_size, limit=cfg.data.max_val_images, device=device
+            )
+            log.write("eval", epoch=epoch + 1, update=update, **metrics)
+            if cfg.run.progress:
+                print(f"epoch {epoch + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()), flush=True)
+            if metrics.get("bbox_AP", -1) > best:
+                best = metrics["bbox_AP"]
+                save_checkpoint(ckpt_dir, "best", model, metadata={**metadata, "epoch": epoch + 1})
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "rng": capture_rng(),
+            "generator": generator.get_state(),
+            "epoch": epoch + 1,
+            "update": update,
+            "best": best,
+        }
+        save_checkpoint(ckpt_dir, "last", model, training_state=state, metadata={**metadata, "epoch": epoch + 1})
     return {**metrics, "run_dir": str(run_dir)}
 
 
