@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,17 +49,26 @@ def evaluate_checkpoint(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     model, info = load_checkpoint(checkpoint, ema=ema, tag=tag, model_name=model_name, device=device)
-    folder_classes = info.classes if cfg.data.dataset == "imagefolder" and info.run_dir is not None else None
-    dataset = build_dataset(cfg.data, split, info.in_chans, classes=folder_classes)
+    dataset = build_dataset(cfg.data, split, info.in_chans)
     if len(dataset.classes) != info.num_classes:
         raise ValueError(
             f"{info.path} predicts {info.num_classes} classes but the {cfg.data.dataset} {split} set has "
             f"{len(dataset.classes)} ({', '.join(dataset.classes[:5])}{', ...' if len(dataset.classes) > 5 else ''})"
         )
+    named = not all(c.isdigit() for c in info.classes)
+    if named and cfg.data.dataset == "imagefolder" and tuple(dataset.classes) != tuple(info.classes):
+        raise ValueError(
+            f"the class folders of the {split} set {list(dataset.classes)[:5]} differ from the classes the "
+            f"checkpoint was trained on {list(info.classes)[:5]}"
+        )
     data = TransformedDataset(dataset, info.transform(), replace_bad=False)
     sampler = ShardedEpochSampler(len(data), batch_size, shuffle=False)
     loader = torch.utils.data.DataLoader(
-        data, batch_size=batch_size, sampler=sampler, num_workers=cfg.data.workers, collate_fn=collate_with_bad_files
+        data,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=min(cfg.data.workers, os.cpu_count() or 1),
+        collate_fn=collate_with_bad_files,
     )
     progress = Progress(len(data), f"eval {info.model}", enabled=not quiet)
     result = evaluate(

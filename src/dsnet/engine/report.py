@@ -40,7 +40,7 @@ class MetricsLog:
 
 
 class Progress:
-    """A tqdm bar with rate and ETA on a terminal; plain log lines every ``interval`` items otherwise."""
+    """A tqdm bar with rate and ETA on a terminal; plain log lines every ``interval`` items otherwise (stderr)."""
 
     def __init__(self, total: int, desc: str, *, enabled: bool = True, unit: str = "img", interval: int = 0) -> None:
         self.enabled, self.total, self.desc, self.count = enabled, total, desc, 0
@@ -71,6 +71,7 @@ class Progress:
             eta = (self.total - self.count) / max(rate, 1e-9)
             print(
                 f"{self.desc}: {self.count}/{self.total} [{elapsed:.0f}s<{eta:.0f}s, {rate:.1f} img/s] {self.postfix}",
+                file=sys.stderr,
                 flush=True,
             )
 

@@ -44,7 +44,7 @@ from dsnet.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup,
 from dsnet.engine.evaluate import EvalResult, autocast_context, evaluate
 from dsnet.engine.report import MetricsLog, Progress, plot_confusion, plot_curves
 
-__all__ = ["NonFiniteLossError", "build_model", "resolve_amp", "train"]
+__all__ = ["NonFiniteLossError", "build_model", "check_model_name", "resolve_amp", "train"]
 
 #: Test hook: seconds to sleep after each mid-epoch checkpoint, so that a test can kill the run at a known point.
 _PAUSE_ENV = "DSNET_TEST_PAUSE_AFTER_CHECKPOINT"
@@ -73,6 +73,17 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"unknown train.amp {amp!r}; expected auto, none, bf16 or fp16")
 
 
+def check_model_name(name: str) -> None:
+    """Raise ValueError (with similar names) when timm does not know ``name``."""
+    import timm
+
+    import dsnet  # noqa: F401  (registers the zoo)
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise ValueError(f"unknown model {name!r}" + (f"; similar names: {', '.join(close)}" if close else ""))
+
+
 def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
     """``timm.create_model`` from ``cfg.model``, optionally initialised from ``cfg.model.init_weights``.
 
@@ -84,9 +95,7 @@ def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
     import dsnet  # noqa: F401  (registers the zoo)
 
     m = cfg.model
-    if not timm.is_model(m.name):
-        close = timm.list_models(f"*{m.name.split('_')[0]}*")[:8]
-        raise ValueError(f"unknown model {m.name!r}" + (f"; similar names: {', '.join(close)}" if close else ""))
+    check_model_name(m.name)
     model = timm.create_model(
         m.name,
         num_classes=num_classes,
@@ -122,7 +131,7 @@ def _make_loader(dataset: TransformedDataset, sampler: ShardedEpochSampler, batc
         dataset,
         batch_size=batch,
         sampler=sampler,
-        num_workers=workers,
+        num_workers=min(workers, os.cpu_count() or 1),
         collate_fn=collate_with_bad_files,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
@@ -212,6 +221,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
     if mixing and micro % 2:
         raise ValueError(f"mixup/cutmix need an even per-process micro-batch, got {micro}; change train.batch_size")
 
+    check_model_name(cfg.model.name)  # fail before reading the data
     # data
     train_set = build_dataset(d, "train", cfg.model.in_chans)
     val_set = build_dataset(d, "val", cfg.model.in_chans, classes=train_set.classes)
