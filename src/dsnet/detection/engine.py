@@ -234,10 +234,9 @@ def evaluate(
     Keys ``bbox_AP`` … ``bbox_APl`` and ``segm_*``, fractions in [0, 1]. With ``limit`` only the first images
     count (the ground truth is restricted to them too).
     """
-    from tqdm import tqdm
-
     from dsnet.detection.data import collate
     from dsnet.detection.metrics import coco_evaluate, coco_from_dict, to_coco_results
+    from dsnet.engine.report import Progress
 
     masks = bool(getattr(model, "roi_heads", None) is not None and model.roi_heads.has_mask())
     subset = _subset(dataset, limit)
@@ -245,11 +244,14 @@ def evaluate(
     was_training = model.training
     model.eval()
     results, image_ids = [], []
-    for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
+    bar = Progress(len(subset), "eval", enabled=progress)
+    for images, targets in loader:
         outputs = model([im.to(device) for im in images])
+        bar.update(len(images))
         ids = [int(t["image_id"]) for t in targets]
         image_ids.extend(ids)
         results.extend(to_coco_results(outputs, ids, dataset.label_to_category_id, masks=masks))
+    bar.close()
     model.train(was_training)
     gt = dataset.coco
     if len(subset) < len(dataset):
