@@ -186,7 +186,7 @@ def create_backbone(
         raise ValueError(f"unknown neck {neck!r}; expected one of {NECKS}")
     if not in_levels or any(i not in range(4) for i in in_levels) or list(in_levels) != sorted(set(in_levels)):
         raise ValueError(f"in_levels must be increasing indices among 0..3 (C2..C5), got {in_levels}")
-    if name not in timm.list_models() and not timm.is_model(name):
+    if not timm.is_model(name):
         raise ValueError(f"unknown backbone {name!r}: not a timm model (dsnet models: dsnet.models.list_zoo())")
     if checkpoint is not None:
         from pathlib import Path
