@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -28,6 +29,15 @@ TARGETS = {
 }
 # Paper Table 2 (DS-Net-T, concatenation only): α → params in millions.
 TABLE2_PARAMS = {0.0: 8.6, 0.25: 8.7, 0.5: 9.1, 0.75: 9.8, 1.0: 10.7}
+# One block per stage: every stage (and its global grid) is exercised at a fraction of the cost.
+SHALLOW = dict(depths=(1, 1, 1, 1))
+
+
+@functools.cache
+def _tiny_eval() -> nn.Module:
+    """dsnet_tiny in eval mode, shared by tests that only run inference."""
+    torch.manual_seed(0)
+    return timm.create_model("dsnet_tiny").eval()
 
 
 def _blocks(model: nn.Module) -> list[DSBlock]:
@@ -124,7 +134,7 @@ def test_global_ratio_sweep_matches_table2(alpha):
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_single_stream_models_run(alpha):
-    model = timm.create_model("dsnet_tiny_concat", global_ratio=alpha, num_classes=4)
+    model = timm.create_model("dsnet_tiny_concat", global_ratio=alpha, num_classes=4, **SHALLOW)
     out = model(torch.randn(2, 3, 32, 48))
     out.sum().backward()
     assert out.shape == (2, 4)
@@ -133,7 +143,7 @@ def test_single_stream_models_run(alpha):
 
 def test_alignment_with_uneven_split():
     """α ≠ 0.5 with alignment: attention width = global width g, local q/k/v project l → 3g, G→L maps g → l."""
-    model = timm.create_model("dsnet_tiny", global_ratio=0.25, num_classes=4)
+    model = timm.create_model("dsnet_tiny", global_ratio=0.25, num_classes=4, **SHALLOW)
     block = model.stages[0].blocks[0]
     assert (block.global_dim, block.local_dim) == (16, 48)
     assert block.alignment.local_qkv.weight.shape == (48, 48, 1, 1)  # 3g × l
@@ -172,14 +182,14 @@ def test_heads_must_divide_global_width():
     ],
 )
 def test_table3_ablations(kwargs, absent):
-    torch.manual_seed(0)
     full = timm.create_model("dsnet_tiny", device="meta")
-    model = timm.create_model("dsnet_tiny", num_classes=3, **kwargs)
+    assert count_params(timm.create_model("dsnet_tiny", device="meta", **kwargs)) < count_params(full)
+    torch.manual_seed(0)
+    model = timm.create_model("dsnet_tiny", num_classes=3, **kwargs, **SHALLOW)
     keys = set(model.state_dict())
     block_keys = {k.split("stages.0.blocks.0.", 1)[1] for k in keys if k.startswith("stages.0.blocks.0.")}
     for name in absent:
         assert not any(k.startswith(name + ".") for k in block_keys), name
-    assert count_params(model) < count_params(full)
     out = model(torch.randn(2, 3, 32, 32))
     out.sum().backward()
     assert out.shape == (2, 3)
@@ -243,7 +253,7 @@ def test_resize_to_global_grid():
 
 @pytest.mark.parametrize("size", [(32, 32), (33, 57), (50, 50), (224, 160)])
 def test_any_input_size_from_32(size):
-    model = timm.create_model("dsnet_tiny").eval()
+    model = _tiny_eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, *size))
     assert out.shape == (1, 1000) and torch.isfinite(out).all()
@@ -289,17 +299,17 @@ def test_no_drop_path_by_default():
 
 
 def test_attention_dropout_default_and_option():
-    x = torch.randn(2, 3, 32, 32)
+    model = timm.create_model("dsnet_tiny", device="meta")
+    assert all(b.attn_drop == 0.1 and b.alignment.attn_drop == 0.1 for b in _blocks(model))  # reference value
+    assert all(b.attn_drop == 0.0 for b in _blocks(timm.create_model("dsnet_tiny", attn_drop_rate=0, device="meta")))
+    x = torch.randn(2, 64, 16, 16)
     torch.manual_seed(0)
-    model = timm.create_model("dsnet_tiny")
-    assert all(b.attn_drop == 0.1 and b.alignment.attn_drop == 0.1 for b in _blocks(model))
-    model.train()
-    assert not torch.equal(model(x), model(x))  # attention dropout is active in training
-    model.eval()
+    block = DSBlock(64, num_heads=1, global_stride=4).train()
+    assert not torch.equal(block(x), block(x))  # attention dropout is active in training
+    block.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(x), model(x))
-    torch.manual_seed(0)
-    no_drop = timm.create_model("dsnet_tiny", attn_drop_rate=0.0).train()
+        torch.testing.assert_close(block(x), block(x))
+    no_drop = DSBlock(64, num_heads=1, global_stride=4, attn_drop=0.0).train()
     assert torch.equal(no_drop(x), no_drop(x))
 
 
@@ -355,7 +365,7 @@ def _reference_forward(model: DSNet, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["dsnet_tiny", "dsnet_tiny_concat"])
 def test_matches_reference_computation(name):
     torch.manual_seed(0)
-    model = timm.create_model(name).eval()
+    model = timm.create_model(name, **SHALLOW).eval()
     _randomize_bn(model)
     x = torch.randn(2, 3, 64, 80)  # non-square, grids with non-integer resize factors
     with torch.no_grad():
@@ -379,7 +389,7 @@ def test_checkpoint_filter_converts_reference_layout():
     from dsnet.convert.dsnet_reference import BLOCK_MODULE_MAP, TOP_MODULE_MAP
 
     torch.manual_seed(0)
-    source = timm.create_model("dsnet_tiny", num_classes=10)
+    source = timm.create_model("dsnet_tiny", num_classes=10, **SHALLOW)
     _randomize_bn(source)
     # write our weights under the PyTorch reference's names
     ours_to_ref = {v: k for k, v in BLOCK_MODULE_MAP.items()}
@@ -396,20 +406,24 @@ def test_checkpoint_filter_converts_reference_layout():
         else:
             module, param = key.rsplit(".", 1)
             reference[f"{top_to_ref[module]}.{param}"] = value
-    target = timm.create_model("dsnet_tiny", num_classes=10)
+    target = timm.create_model("dsnet_tiny", num_classes=10, **SHALLOW)
     target.load_state_dict(checkpoint_filter_fn(reference, target))
+    loaded = target.state_dict()
     for key, value in source.state_dict().items():
-        torch.testing.assert_close(target.state_dict()[key], value, msg=key)
+        torch.testing.assert_close(loaded[key], value, msg=key)
 
 
 def test_pretrained_from_converted_file(tmp_path):
     torch.manual_seed(0)
-    source = timm.create_model("dsnet_tiny_concat")
+    source = timm.create_model("dsnet_tiny_concat", **SHALLOW)
     path = tmp_path / "dsnet_tiny_concat.safetensors"
     save_file(source.state_dict(), path)
-    model = timm.create_model("dsnet_tiny_concat", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    model = timm.create_model(
+        "dsnet_tiny_concat", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **SHALLOW
+    )
+    loaded = model.state_dict()
     for key, value in source.state_dict().items():
-        assert torch.equal(model.state_dict()[key], value), key
+        assert torch.equal(loaded[key], value), key
 
 
 def test_pretrained_without_file_explains_conversion():
@@ -433,7 +447,7 @@ def test_pretrained_cfg_points_at_released_weights(size):
 
 def test_linear_init_is_truncated_normal():
     torch.manual_seed(0)
-    model = timm.create_model("dsnet_tiny")
+    model = timm.create_model("dsnet_tiny", **SHALLOW)
     weights = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, nn.Linear)])
     assert weights.std().item() == pytest.approx(0.02, rel=0.15)
     biases = [m.bias for m in model.modules() if isinstance(m, nn.Linear)]

@@ -239,17 +239,15 @@ def test_prune_intermediate_layers(name):
 @pytest.mark.parametrize("name", SMALL_MODELS)
 def test_reset_classifier(name):
     model = timm.create_model(name).eval()
-    x = _input()
-    model.reset_classifier(7)
-    assert model.num_classes == 7
     with torch.no_grad():
-        assert model(x).shape == (2, 7)
-    model.reset_classifier(0)
-    with torch.no_grad():
-        assert model(x).shape == (2, model.head_hidden_size)
-    model.reset_classifier(5, global_pool="avg")
-    with torch.no_grad():
-        assert model(x).shape == (2, 5)
+        features = model.forward_features(_input())
+        model.reset_classifier(7)
+        assert model.num_classes == 7
+        assert model.forward_head(features).shape == (2, 7)
+        model.reset_classifier(0)
+        assert model.forward_head(features).shape == (2, model.head_hidden_size)
+        model.reset_classifier(5, global_pool="avg")
+        assert model.forward_head(features).shape == (2, 5)
 
 
 @pytest.mark.parametrize("name", SMALL_MODELS)
@@ -262,6 +260,7 @@ def test_in_chans_and_num_classes_kwargs(name):
 
 @pytest.mark.parametrize("name", SMALL_MODELS)
 def test_grad_checkpointing_recomputes_and_keeps_gradients(name):
+    """Also: every parameter gets a gradient."""
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=3)
     model.train()
@@ -286,6 +285,8 @@ def test_grad_checkpointing_recomputes_and_keeps_gradients(name):
 
     model.eval()  # BN statistics must not drift between the two runs; dropout off
     plain_calls, plain = grads(False)
+    # every parameter takes part in the loss (DDP without find_unused_parameters needs this)
+    assert sorted(plain) == sorted(n for n, _ in model.named_parameters())
     ckpt_calls, ckpt = grads(True)
     assert ckpt_calls > plain_calls  # activations were recomputed in the backward pass
     assert plain.keys() == ckpt.keys()
@@ -298,26 +299,16 @@ def test_torch_fx_feature_extraction(name):
     model = _eval_model(name)
     x = _input()
     stages = [f["module"] for f in model.feature_info]
+    timm_extractor = create_feature_extractor(model, return_nodes=stages)
+    tv_extractor = tv_create_feature_extractor(model, return_nodes=stages)
     with torch.no_grad():
         expected = model.forward_intermediates(x, intermediates_only=True)
-        timm_fx = create_feature_extractor(model, return_nodes=stages)(x)
-        tv_fx = tv_create_feature_extractor(model, return_nodes=stages)(x)
+        timm_fx, tv_fx = timm_extractor(x), tv_extractor(x)
         for node, e in zip(stages, expected):
             torch.testing.assert_close(timm_fx[node], e)
             torch.testing.assert_close(tv_fx[node], e)
         # the traced graph is not specialised to the tracing input size
         other = torch.randn(1, 3, 96, 64)
         torch.testing.assert_close(
-            create_feature_extractor(model, return_nodes=stages[-1:])(other)[stages[-1]],
-            model.forward_intermediates(other, intermediates_only=True)[-1],
+            timm_extractor(other)[stages[-1]], model.forward_intermediates(other, intermediates_only=True)[-1]
         )
-
-
-@pytest.mark.parametrize("name", SMALL_MODELS)
-def test_every_parameter_gets_a_gradient(name):
-    """DDP without find_unused_parameters needs this."""
-    model = timm.create_model(name, num_classes=3)
-    model.train()
-    model(_input()).sum().backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None]
-    assert not missing
