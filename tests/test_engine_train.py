@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from _engine_helpers import CLASSES, fast_overrides, make_imagefolder
 from dsnet.engine.checkpoint import load_training_state, read_metadata
 from dsnet.engine.config import load_config
+from dsnet.engine.inference import load_checkpoint
 from dsnet.engine.trainer import NonFiniteLossError, train
 
 
@@ -139,3 +141,40 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert all(torch.equal(ema_resumed[k], ema_straight[k]) for k in ema_straight)
     steps = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in steps if r["kind"] == "step"] == list(range(1, 13))  # no duplicated records
+
+
+def test_fashion_mnist_grey_one_channel_dsnet_tiny(tmp_path):
+    """The real dataset path: IDX files → grey PIL → in_chans=1 dsnet_tiny at 32 px (64 images, one epoch)."""
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist" / "dsnet_tiny.yaml",
+        [
+            "data.dataset=fashion_mnist",
+            "data.max_train_samples=64",
+            "data.max_val_samples=40",
+            "data.workers=0",
+            "model.name=dsnet_tiny",
+            "model.in_chans=1",
+            "data.input_size=32",
+            "train.batch_size=32",
+            "sched.epochs=1",
+            "train.threads=1",
+            f"train.output_dir={tmp_path}",
+        ],
+    )
+    run_dir = train(cfg, log=lambda s: None)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final"]["num_samples"] == 40 and summary["updates"] == 2
+    assert read_metadata(run_dir / "checkpoints" / "last.safetensors")["in_chans"] == 1
+    model, info = load_checkpoint(run_dir, tag="last")  # strict load into a 1-channel dsnet_tiny
+    assert info.in_chans == 1 and model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    """2 micro-batches of 3 accumulate to the update of one batch of 6 (no BatchNorm, no mixup)."""
+    root = make_imagefolder(tmp_path / "data", per_class_train=4, per_class_val=1)
+    runs = []
+    for accum in (1, 2):
+        cfg = load_config(None, fast_overrides(root, tmp_path / f"a{accum}", **{"train.accum_steps": accum}))
+        runs.append(load_file(train(cfg, log=lambda s: None) / "checkpoints" / "last.safetensors"))
+    diff = max((runs[0][k] - runs[1][k]).abs().max().item() for k in runs[0])
+    assert diff <= 1e-4, diff  # float32 summation order only (see test_engine_distributed for the tolerance)
