@@ -5,8 +5,8 @@ has its own depth-wise kernel. The usual trick folds the batch into the channels
 convolution with ``groups = B·C``; it is the fastest form in eager PyTorch, but ``groups`` is a static
 attribute of an ONNX ``Conv``, so an export with a dynamic batch dimension cannot use it. While exporting
 (``torch.export`` / ``torch.onnx.export``) or tracing, we therefore use an equivalent formulation whose
-operators do not depend on the batch size: a sum of ``K²`` shifted copies of the input, each scaled by
-one kernel tap per (sample, channel).
+operators do not depend on the batch size: a fixed depth-wise convolution with one-hot kernels (groups = C)
+lays out the ``K²`` shifted copies of the input, which are weighted by the per-sample kernel taps and summed.
 """
 
 from __future__ import annotations
@@ -31,17 +31,16 @@ def _grouped_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out.reshape(batch, channels, height, width)
 
 
-def _shifted_sum(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    height, width = x.shape[-2:]
+def _tap_products(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    channels = x.shape[1]
     kernel_size = weight.shape[-1]
-    pad = kernel_size // 2
-    x_padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H + 2p, W + 2p)
-    out = torch.zeros_like(x) if bias is None else bias[:, :, None, None].expand_as(x)
-    for i in range(kernel_size):
-        for j in range(kernel_size):
-            tap = weight[:, :, i : i + 1, j : j + 1]  # (B, C, 1, 1)
-            out = torch.addcmul(out, x_padded[:, :, i : i + height, j : j + width], tap)
-    return out
+    taps = kernel_size * kernel_size
+    # A fixed depth-wise conv with one-hot kernels copies every tap's shifted input into its own channel.
+    one_hot = torch.eye(taps, device=x.device, dtype=x.dtype).reshape(taps, 1, kernel_size, kernel_size)
+    shifted = F.conv2d(x, one_hot.repeat(channels, 1, 1, 1), padding=kernel_size // 2, groups=channels)
+    shifted = shifted.unflatten(1, (channels, taps))  # (B, C, K², H, W)
+    out = (shifted * weight.flatten(2)[..., None, None]).sum(dim=2)  # (B, C, H, W)
+    return out if bias is None else out + bias[:, :, None, None]
 
 
 @register_notrace_function
@@ -59,8 +58,9 @@ def per_sample_depthwise_conv2d(
         Tensor of shape (B, C, H, W).
 
     Eager mode runs one grouped convolution (``groups = B·C``). Under ``torch.export`` (which
-    ``torch.onnx.export(dynamo=True)`` uses) or ``torch.jit`` tracing the result is computed as a sum of
-    shifted inputs instead, which exports to ONNX with a dynamic batch size. Both agree to float rounding.
+    ``torch.onnx.export(dynamo=True)`` uses) or ``torch.jit`` tracing it runs the batch-size independent
+    formulation of the module docstring instead, which exports to ONNX with a dynamic batch size.
+    Both agree to float rounding.
 
     Example:
         >>> x = torch.randn(2, 3, 8, 8)
@@ -70,5 +70,5 @@ def per_sample_depthwise_conv2d(
         True
     """
     if torch.compiler.is_exporting() or torch.jit.is_tracing():
-        return _shifted_sum(x, weight, bias)
+        return _tap_products(x, weight, bias)
     return _grouped_conv(x, weight, bias)
