@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from _engine_helpers import fast_overrides, make_imagefolder
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def _train(nproc: int, root, out) -> dict:

@@ -89,6 +89,7 @@ def _final_weights(run_dir):
     return load_file(run_dir / "checkpoints" / "last.safetensors")
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     """SIGKILL mid-epoch, resume, and end bit-identical to a run that was never interrupted.
 
