@@ -53,6 +53,23 @@ def test_eval_reports_accuracy_and_writes_confusion(cli_run, capsys, tmp_path):
     out = capsys.readouterr().out
     assert out.startswith("top-1 ") and "circle" in out and (tmp_path / "ev" / "confusion.png").is_file()
 
+    # converted/foreign weights (no metadata): model name from --model, preprocessing from the recipe
+    save_file(load_file(weights), str(tmp_path / "foreign.safetensors"))
+    overrides = [
+        "--set",
+        f"data.root={cli_run[1]}",
+        "--set",
+        "data.input_size=32",
+        "--set",
+        "data.interpolation=bilinear",
+    ]
+    args = ["eval", str(tmp_path / "foreign.safetensors"), *overrides, "--output", str(tmp_path / "ev2"), "--json"]
+    assert main(args) == 2 and "pass the model name" in capsys.readouterr().err
+    assert main([*args, "--model", "test_convnext"]) == 0
+    foreign = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(run_dir), "--json"]) == 0
+    assert foreign["top1"] == json.loads(capsys.readouterr().out)["top1"]
+
 
 def test_eval_rejects_a_checkpoint_with_other_classes(cli_run, tmp_path, capsys):
     run_dir, _ = cli_run

@@ -49,6 +49,15 @@ def evaluate_checkpoint(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     model, info = load_checkpoint(checkpoint, ema=ema, tag=tag, model_name=model_name, device=device)
+    if not info.has_preprocessing:  # converted weights: the recipe says how images are prepared
+        from dsnet.data.build import normalization
+
+        info.input_size, info.crop_pct, info.interpolation = (
+            cfg.data.input_size,
+            cfg.data.crop_pct,
+            cfg.data.interpolation,
+        )
+        info.mean, info.std = normalization(cfg.data, info.in_chans)
     dataset = build_dataset(cfg.data, split, info.in_chans)
     if len(dataset.classes) != info.num_classes:
         raise ValueError(

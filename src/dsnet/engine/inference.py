@@ -41,6 +41,7 @@ class CheckpointInfo:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     run_dir: Path | None = None
+    has_preprocessing: bool = False  # True when the file's metadata gave input size, crop and normalisation
 
     def transform(self):
         """timm's eval transform (resize to input_size / crop_pct, center crop, normalise)."""
@@ -64,6 +65,19 @@ def _head_classes(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[str
         if key in own and own[key].shape != value.shape:
             return key, int(value.shape[0]), int(own[key].shape[0])
     return None
+
+
+def _classifier_size(name: str, state: dict[str, torch.Tensor], in_chans: int) -> int:
+    import timm
+
+    with torch.device("meta"):
+        probe = timm.create_model(name, in_chans=in_chans)
+    head = probe.get_classifier()
+    weight = getattr(head, "weight", None)
+    key = next((k for k, p in probe.named_parameters() if weight is not None and p is weight), None)
+    if key is None or key not in state:
+        raise ValueError(f"cannot tell the number of classes of these {name} weights; pass the class names (--classes)")
+    return int(state[key].shape[0])
 
 
 def load_checkpoint(
@@ -97,8 +111,8 @@ def load_checkpoint(
         raise ValueError(f"unknown model {name!r} (from {'--model' if model_name else weights_path})")
     meta_classes = tuple(meta.get("classes") or ())
     n = num_classes or (len(classes) if classes else None) or meta.get("num_classes") or len(meta_classes) or None
-    if n is None:  # foreign weights: read the classifier size from the last 2-D tensor
-        n = int(next(v.shape[0] for v in reversed(list(state.values())) if v.ndim == 2))
+    if n is None:  # foreign weights: the classifier's output size, found through timm's get_classifier()
+        n = _classifier_size(name, state, int(meta.get("in_chans", 3)))
     info = CheckpointInfo(
         path=weights_path,
         model=name,
@@ -112,6 +126,7 @@ def load_checkpoint(
         std=tuple(meta.get("std", (0.229, 0.224, 0.225))),
         model_kwargs=dict(meta.get("model_kwargs") or {}),
         run_dir=run_dir,
+        has_preprocessing="input_size" in meta and "mean" in meta,
     )
     if len(info.classes) != info.num_classes:
         raise ValueError(f"{len(info.classes)} class names given for a {info.num_classes}-class model")
