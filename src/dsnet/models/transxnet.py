@@ -64,7 +64,8 @@ __all__ = ["TransXNet", "checkpoint_filter_fn"]
 
 def _reduced_size(size: int, sr_ratio: int) -> int:
     """Side of the key/value grid after OSRA's spatial reduction (kernel sr+3, stride sr, padding (sr+3)//2)."""
-    return -(-size // sr_ratio)  # ceil(size / sr_ratio) for every size ≥ 1
+    # ceil(size / sr_ratio), written with non-negative operands: ONNX integer division truncates toward zero
+    return (size + sr_ratio - 1) // sr_ratio
 
 
 @register_notrace_function
@@ -76,8 +77,8 @@ def resize_relative_pos_bias(bias: torch.Tensor, x: torch.Tensor, sr_ratio: int)
     """
     height, width = x.shape[-2:]
     size = (height * width, _reduced_size(height, sr_ratio) * _reduced_size(width, sr_ratio))
-    if tuple(bias.shape[-2:]) == size:
-        return bias
+    if tuple(bias.shape[-2:]) == size and not torch.compiler.is_exporting():
+        return bias  # when exporting, always resize (identity at the trained size) so no input size is baked in
     return F.interpolate(bias, size=size, mode="bicubic", align_corners=False)
 
 
@@ -540,7 +541,7 @@ class TransXNet(nn.Module):
             "blocks": r"^stages\.(\d+)"
             if coarse
             else [
-                (r"^stages\.(\d+)\.(downsample|relative_pos_bias)", (0,)),
+                (r"^stages\.(\d+)\.(?:downsample|relative_pos_bias)", (0,)),
                 (r"^stages\.(\d+)\.blocks\.(\d+)", None),
                 (r"^norm", (99999,)),
             ],
