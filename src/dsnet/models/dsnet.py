@@ -78,10 +78,14 @@ from timm.layers import (
     register_notrace_function,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._builder import resolve_pretrained_cfg
+from timm.models import (
+    build_model_with_cfg,
+    checkpoint_seq,
+    generate_default_cfgs,
+    register_model,
+    resolve_pretrained_cfg,
+)
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
