@@ -261,8 +261,8 @@ class MultiScaleDWConv(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = x.split(self.splits, dim=1)
-        return torch.cat([conv(part) for conv, part in zip(self.convs, parts)], dim=1)
+        parts = x.split(self.splits, dim=1)  # indexed, not iterated: torch.fx cannot iterate a traced tuple
+        return torch.cat([conv(parts[i]) for i, conv in enumerate(self.convs)], dim=1)
 
 
 class MultiScaleFFN(nn.Module):
