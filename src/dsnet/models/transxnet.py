@@ -1,7 +1,8 @@
 """TransXNet: a hybrid CNN-Transformer backbone with a dual dynamic token mixer.
 
 Paper: "TransXNet: Learning Both Global and Local Dynamics with a Dual Dynamic Token Mixer for Visual
-Recognition", Meng Lou, Hong-Yu Zhou, Sibei Yang, Yizhou Yu (IEEE TNNLS 2025), https://arxiv.org/abs/2310.19380
+Recognition", Meng Lou, Shu Zhang, Hong-Yu Zhou, Sibei Yang, Chuan Wu, Yizhou Yu (IEEE TNNLS 2025),
+https://arxiv.org/abs/2310.19380
 Official code and weights: https://github.com/LMMMEng/TransXNet (PyTorch + mmcv).
 
 Four stages (stem 7×7/4 conv + BN, then 3×3/2 conv + BN downsamples). Every block is
@@ -16,7 +17,8 @@ position bias per stage), concatenates them and refines the result with the sque
 
 The relative position bias tables are sized for ``img_size`` (224 for the released weights). Other input
 sizes (any size ≥ 32, not only multiples of 32) work: the table is resized bicubically to the actual
-(query tokens, key tokens) shape, as the official code does.
+(query tokens, key tokens) shape. Like the official code, the resize treats the (N, M) table as one image
+(not as two separate 2-D grids), so converted weights behave exactly as they do in the official model.
 
 Example:
     >>> import timm, torch, dsnet
