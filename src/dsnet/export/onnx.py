@@ -2,14 +2,16 @@
 
 The export goes through the dynamo-based :func:`torch.onnx.export` with symbolic batch (and, optionally,
 height and width) dimensions. Sizes that a model computes from its input with ``int()`` would be baked into
-the graph as constants; the parity check therefore runs onnxruntime at a second batch size and, for dynamic
-spatial sizes, at a second image size, and compares with PyTorch.
+the graph as constants, and torch.export specializes every dimension that is 1 in the example: trace with an
+example large enough that no feature map has a side of 1 (≥ 128 px for the models of this zoo; the global
+stream of DS-Net's last stage is 1×1 below that). The parity check therefore runs onnxruntime at a second
+batch size and, for dynamic spatial sizes, at a second image size, and compares with PyTorch.
 
 Example:
     >>> import timm, dsnet
     >>> from dsnet.export.onnx import export_onnx
     >>> model = timm.create_model("dsnet_tiny", num_classes=10)
-    >>> report = export_onnx(model, "dsnet_tiny.onnx", image_size=(64, 64))  # doctest: +SKIP
+    >>> report = export_onnx(model, "dsnet_tiny.onnx", image_size=(128, 128), dynamic_size=True)  # doctest: +SKIP
     >>> report.max_abs_diff < 1e-4  # doctest: +SKIP
     True
 """
@@ -84,7 +86,7 @@ def export_onnx(
         image_size: (H, W) of the example input used for tracing.
         in_chans: input channels; default ``model.in_chans`` or 3.
         dynamic_batch: make the batch dimension symbolic (the example batch is 2: a batch of 1 would specialize).
-        dynamic_size: make height and width symbolic too (minimum 32).
+        dynamic_size: make height and width symbolic too (minimum 32); trace at ≥ 128 px (see the module doc).
         opset: ONNX opset version.
         check: run onnxruntime at two batch sizes (and a second image size when ``dynamic_size``) and compare.
         atol: largest accepted absolute difference; above it a :class:`ValueError` reports the figures.
