@@ -5,7 +5,7 @@
 #   3. evaluate it on the 10,000 test images (top-1, top-5, per-class accuracy, confusion matrix);
 #   4. write a few test images as PNG files into the run folder and predict them with `dsnet predict`.
 # Extra arguments go to `dsnet train`, e.g.  bash scripts/demo.sh --set sched.epochs=1
-# On a machine shared with other jobs, fewer torch threads can be much faster:  --set train.threads=1
+# Torch threads default to the CPU cores not already busy (load average); force them with --set train.threads=N
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --with-data

@@ -94,8 +94,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     """SIGKILL mid-epoch, resume, and end bit-identical to a run that was never interrupted.
 
     Everything random is on: RandomResizedCrop, flips, RandAugment, random erasing, mixup/cutmix, stochastic depth
-    and EMA. Mid-epoch checkpoints come every 2 updates; the test hook pauses the run after each, and the test kills
-    it during the pause that follows update 6 (epoch 2 of 3, 2 of its 4 updates done).
+    and EMA. Mid-epoch checkpoints come every 3 updates; the test hook pauses the run after the one of update 6
+    (epoch 2 of 3, 2 of its 4 updates done), and the test kills it during that pause.
     """
     root = make_imagefolder(tmp_path / "data")
     extra = {
@@ -105,12 +105,12 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         "data.cutmix": 1.0,
         "model.drop_path": 0.1,
         "train.ema": 0.9,
-        "train.ckpt_interval": 2,
+        "train.ckpt_interval": 3,  # mid-epoch checkpoints at updates 3, 6 and 9
         "sched.epochs": 3,
     }
     overrides = fast_overrides(root, tmp_path / "killed", **extra)
     args = [sys.executable, "-m", "dsnet.cli.main", "train"] + [a for o in overrides for a in ("--set", o)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DSNET_TEST_PAUSE_AFTER_CHECKPOINT": "60"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DSNET_TEST_PAUSE_AFTER_CHECKPOINT": "6:120"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240

@@ -46,8 +46,10 @@ def evaluate_checkpoint(
         config = run_config
     cfg = load_config(config, overrides)
     device = resolve_device(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    if cfg.train.threads or device.type == "cpu":
+        from dsnet.engine.trainer import auto_threads
+
+        torch.set_num_threads(cfg.train.threads or auto_threads())
     model, info = load_checkpoint(checkpoint, ema=ema, tag=tag, model_name=model_name, device=device)
     if not info.has_preprocessing:  # converted weights: the recipe says how images are prepared
         from dsnet.data.build import normalization

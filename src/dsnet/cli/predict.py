@@ -13,9 +13,9 @@ def run(args: argparse.Namespace) -> int:
 
     from dsnet.engine.distributed import resolve_device
     from dsnet.engine.inference import collect_images, load_checkpoint, predict_files
+    from dsnet.engine.trainer import auto_threads
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or auto_threads())
     classes = None
     if args.classes:
         with open(args.classes) as handle:
