@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0, help="training budget per model (default 10)")
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     parser.add_argument("--size", type=int, default=None, help="input size (default: the recipe's, 32)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores not busy)")
     parser.add_argument("--probe-updates", type=int, default=3)
     parser.add_argument("--val-samples", type=int, default=None, help="evaluate on the first N test images only")
     parser.add_argument("--output-dir", default=str(ROOT / "runs" / "bench-fashion-mnist"))
@@ -88,15 +88,14 @@ def main() -> None:
     import dsnet  # noqa: F401  (registers the zoo)
     from dsnet.bench.complexity import count_macs, count_params
     from dsnet.engine.config import load_config
-    from dsnet.engine.trainer import train
+    from dsnet.engine.trainer import auto_threads, train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or auto_threads()  # fixed for the whole comparison: probes and runs alike
+    torch.set_num_threads(threads)
     base = [f"train.output_dir={args.output_dir}", "train.log_interval=1000"]
     if args.size:
         base.append(f"data.input_size={args.size}")
-    if args.threads:
-        base.append(f"train.threads={args.threads}")
+    base.append(f"train.threads={threads}")
     if args.val_samples:
         base.append(f"data.max_val_samples={args.val_samples}")
     rows = []
