@@ -52,6 +52,7 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from dsnet.layers.adaptive_avg_pool import AdaptiveAvgPool2d
 from dsnet.layers.per_sample_conv import per_sample_depthwise_conv2d
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
 
@@ -118,7 +119,7 @@ class IDConv(nn.Module):
         self.num_groups = num_groups
         self.kernel_bank = nn.Parameter(torch.empty(num_groups, dim, kernel_size, kernel_size, **dd))
         self.bias_bank = nn.Parameter(torch.empty(num_groups, dim, **dd))
-        self.pool = nn.AdaptiveAvgPool2d(kernel_size)
+        self.pool = AdaptiveAvgPool2d(kernel_size)  # exports with a dynamic input size
         self.attn = nn.Sequential(
             ConvNormAct(dim, dim // reduction, 1, act_layer=act_layer, **dd),
             nn.Conv2d(dim // reduction, dim * num_groups, 1, **dd),
