@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import dsnet  # noqa: F401  (registers the models)
 from dsnet.bench.complexity import count_macs, count_params
+from dsnet.export.onnx import check_onnx, export_onnx
 from dsnet.layers.per_sample_conv import _grouped_conv, _tap_products, per_sample_depthwise_conv2d
 from dsnet.models.transxnet import TransXNet, checkpoint_filter_fn, resize_relative_pos_bias
 
@@ -199,3 +200,12 @@ def test_onnx_export_with_dynamic_batch(tmp_path):
         (out,) = session.run(None, {"x": x.numpy()})
         assert out.shape == (batch_size, 10)
         assert np.abs(out - expected).max() <= 1e-4
+
+
+def test_onnx_export_with_dynamic_size_is_exact_below_and_above_the_traced_size(tmp_path):
+    """One export traced at 128², dynamic batch and size: smaller inputs used to hit baked-in pooling gathers."""
+    model = _small(num_classes=10)
+    _randomize(model)
+    report = export_onnx(model, tmp_path / "transxnet.onnx", image_size=(128, 128), dynamic_size=True, check=False)
+    checks = check_onnx(model, report.path, [(1, 3, 32, 32), (1, 3, 96, 160), (2, 3, 145, 137)])
+    assert max(c.max_abs_diff for c in checks) <= 1e-4, checks
