@@ -10,11 +10,14 @@ import dsnet  # noqa: F401
 from dsnet.cli.main import main
 from dsnet.export.onnx import check_onnx, export_onnx
 
-FAMILY_SMALLEST = ["dsnet_tiny", "dsnet_tiny_concat", "transxnet_t", "mixformer_b0"]
+# The families whose ONNX graph stays exact at any input size from one export. MixFormer is not among them: the
+# exporter's symbolic simplification of its nested window/even-size padding arithmetic does not finish, so it is
+# exported at a fixed image size (with a symbolic batch), see test_export_dynamic_batch_fixed_size.
+DYNAMIC_SIZE_FAMILIES = ["dsnet_tiny", "dsnet_tiny_concat", "transxnet_t"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", FAMILY_SMALLEST)
+@pytest.mark.parametrize("name", DYNAMIC_SIZE_FAMILIES)
 def test_export_dynamic_batch_and_size(name, tmp_path):
     torch.manual_seed(0)
     # one block per stage: every operator of the family is exported, at a fraction of the full model's cost
@@ -28,6 +31,16 @@ def test_export_dynamic_batch_and_size(name, tmp_path):
     # sizes the parity check did not try, down to the smallest input the zoo accepts
     for check in check_onnx(model, report.path, [(1, 3, 96, 160), (1, 3, 32, 32)]):
         assert check.max_abs_diff <= 1e-4, check
+
+
+@pytest.mark.slow
+def test_export_dynamic_batch_fixed_size(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("mixformer_b0", num_classes=7, depths=(1, 1, 1, 1))
+    report = export_onnx(model, tmp_path / "mixformer_b0.onnx", image_size=(96, 80))
+    assert [c.shape for c in report.checks] == [(2, 3, 96, 80), (3, 3, 96, 80)]
+    assert report.max_abs_diff <= 1e-4, report.checks
+    assert check_onnx(model, report.path, [(5, 3, 96, 80)])[0].max_abs_diff <= 1e-4
 
 
 def test_export_reports_a_mismatch(tmp_path):
