@@ -41,6 +41,8 @@ def test_export_dynamic_batch_fixed_size(tmp_path):
     assert [c.shape for c in report.checks] == [(2, 3, 96, 80), (3, 3, 96, 80)]
     assert report.max_abs_diff <= 1e-4, report.checks
     assert check_onnx(model, report.path, [(5, 3, 96, 80)])[0].max_abs_diff <= 1e-4
+    with pytest.raises(ValueError, match="does not export with a symbolic image size"):
+        export_onnx(model, tmp_path / "never.onnx", image_size=(96, 80), dynamic_size=True)
 
 
 def test_export_reports_a_mismatch(tmp_path):

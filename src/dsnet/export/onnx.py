@@ -98,6 +98,11 @@ def export_onnx(
     path = Path(path)
     if image_size[0] < 32 or image_size[1] < 32:
         raise ValueError(f"image_size must be at least 32×32 for export, got {image_size}")
+    if dynamic_size and not getattr(model, "onnx_dynamic_size", True):
+        raise ValueError(
+            f"{type(model).__name__} does not export with a symbolic image size; "
+            "export at a fixed image_size (dynamic_size=False, or drop --dynamic-size)"
+        )
     chans = in_chans if in_chans is not None else int(getattr(model, "in_chans", 3))
     model = model.eval().to("cpu", torch.float32)
     example = torch.randn(2 if dynamic_batch else 1, chans, *image_size)

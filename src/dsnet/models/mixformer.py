@@ -437,7 +437,13 @@ class MixFormer(nn.Module):
 
     Training needs at least 2 images per device: the channel interaction batch-normalises one pooled
     vector per image (as the official model does).
+
+    ONNX: export at a fixed image size (the batch can stay symbolic). With a symbolic height and width the
+    exporter's simplification of the nested window and even-size padding arithmetic does not finish.
     """
+
+    #: Read by :func:`dsnet.export.onnx.export_onnx`, which refuses ``dynamic_size=True`` when False.
+    onnx_dynamic_size: bool = False
 
     def __init__(
         self,
