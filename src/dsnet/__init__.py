@@ -4,7 +4,7 @@ Importing the package registers every model of the zoo into timm's registry, so 
 ``timm.create_model("dsnet_tiny")`` works after ``import dsnet``.
 """
 
-from dsnet import models  # noqa: F401  (registers the models into timm)
+from dsnet import models
 
 __version__ = "0.1.0"
 __all__ = ["__version__", "models"]

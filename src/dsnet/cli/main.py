@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``dsnet`` argument parser with every subcommand registered."""
     from dsnet import __version__
 
-    parser = argparse.ArgumentParser(prog="dsnet", description="Dual-stream vision backbones: train, evaluate, convert.")
+    parser = argparse.ArgumentParser(
+        prog="dsnet", description="Dual-stream vision backbones: train, evaluate, convert."
+    )
     parser.add_argument("--version", action="version", version=f"dsnet {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
