@@ -2,6 +2,8 @@
 
 The reference-layout files here are synthesised from our model's shapes (the real PaddleClas model is exercised in
 ``test_paddle_parity.py``); which weights are Linear is read off our module types, not off the converter's list.
+The peers' official files (MixFormer ``.pdparams``, TransXNet ``.pth.tar``) are written from a random model in the
+official names of the key lists in ``fixtures/``, converted by ``dsnet convert`` and compared by logits.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import numpy as np
 import pytest
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from _official_checkpoints import mixformer_b0_to_paddle, transxnet_t_official_state_dict, write_pdparams
 from dsnet.cli.main import main
 from dsnet.convert.checkpoint import CheckpointMismatchError, verify_state_dict
 from dsnet.convert.dsnet_reference import (
@@ -73,15 +77,6 @@ def _reference_state(model_name: str, layout: str = "paddle", seed: int = 0) -> 
     return out
 
 
-def _write_pdparams(path: Path, state: dict[str, np.ndarray], protocol: int = 4) -> Path:
-    """As ``paddle.save`` writes it: arrays plus the structured-name table."""
-    payload = dict(state)
-    payload["StructuredToParameterName@@"] = {k: f"param_{i}" for i, k in enumerate(state)}
-    with open(path, "wb") as f:
-        pickle.dump(payload, f, protocol=protocol)
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_paddle() -> dict[str, np.ndarray]:
     return _reference_state("dsnet_tiny", "paddle")
@@ -89,7 +84,7 @@ def tiny_paddle() -> dict[str, np.ndarray]:
 
 @pytest.fixture
 def tiny_pdparams(tmp_path, tiny_paddle) -> Path:
-    return _write_pdparams(tmp_path / "DSNet_tiny_pretrained.pdparams", tiny_paddle)
+    return write_pdparams(tmp_path / "DSNet_tiny_pretrained.pdparams", tiny_paddle)
 
 
 def _run(capsys, *args: str) -> tuple[int, str, str]:
@@ -104,7 +99,7 @@ def _run(capsys, *args: str) -> tuple[int, str, str]:
 @pytest.mark.parametrize("protocol", [2, 3, 4])  # paddle.save accepts protocols 2-4
 def test_load_pdparams_reads_paddle_save_output(tmp_path, protocol):
     state = {"a.weight": np.arange(12, dtype=np.float32).reshape(3, 4), "a._mean": np.zeros(4, np.float32)}
-    path = _write_pdparams(tmp_path / "x.pdparams", state, protocol)
+    path = write_pdparams(tmp_path / "x.pdparams", state, protocol)
     loaded = load_pdparams(path)
     assert loaded.keys() == state.keys()  # the metadata entry is dropped
     for key in state:
@@ -237,7 +232,7 @@ def test_convert_keeps_the_files_number_of_classes(tmp_path, tiny_paddle, capsys
     state = dict(tiny_paddle)
     state["head.weight"], state["head.bias"] = state["head.weight"][:, :10].copy(), state["head.bias"][:10].copy()
     out = tmp_path / "out.safetensors"
-    code, stdout, err = _run(capsys, "paddle", _write_pdparams(tmp_path / "ft.pdparams", state), out)
+    code, stdout, err = _run(capsys, "paddle", write_pdparams(tmp_path / "ft.pdparams", state), out)
     assert code == 0, err
     assert "10 classes" in stdout
     model = timm.create_model("dsnet_tiny", num_classes=10, pretrained=True, pretrained_cfg_overlay=dict(file=str(out)))
@@ -249,10 +244,10 @@ def test_existing_output_is_replaced_whole_or_left_alone(tmp_path, tiny_paddle, 
     out.write_bytes(b"old")
     broken = dict(tiny_paddle)
     del broken["blocks1.0.norm1.weight"]
-    code, _, _ = _run(capsys, "paddle", _write_pdparams(tmp_path / "b.pdparams", broken), out)
+    code, _, _ = _run(capsys, "paddle", write_pdparams(tmp_path / "b.pdparams", broken), out)
     assert code == 2 and out.read_bytes() == b"old"
     assert sorted(os.listdir(tmp_path)) == ["b.pdparams", "out.safetensors"]
-    code, _, _ = _run(capsys, "paddle", _write_pdparams(tmp_path / "g.pdparams", tiny_paddle), out)
+    code, _, _ = _run(capsys, "paddle", write_pdparams(tmp_path / "g.pdparams", tiny_paddle), out)
     assert code == 0 and len(load_file(str(out))) > 400
 
 
@@ -260,7 +255,7 @@ def test_existing_output_is_replaced_whole_or_left_alone(tmp_path, tiny_paddle, 
 
 
 def test_wrong_variant_is_named(tmp_path, capsys):
-    small = _write_pdparams(tmp_path / "DSNet_small.pdparams", _reference_state("dsnet_small"))
+    small = write_pdparams(tmp_path / "DSNet_small.pdparams", _reference_state("dsnet_small"))
     code, _, err = _run(capsys, "paddle", small, tmp_path / "out.safetensors", "--model", "dsnet_tiny")
     assert code == 2
     assert "does not fit dsnet_tiny" in err and "unexpected keys" in err and "stages.0.blocks.2." in err
@@ -270,7 +265,7 @@ def test_wrong_variant_is_named(tmp_path, capsys):
 
 def test_missing_keys_are_listed(tmp_path, tiny_paddle, capsys):
     state = {k: v for k, v in tiny_paddle.items() if not k.startswith("blocks3.1.norm2.")}
-    code, _, err = _run(capsys, "paddle", _write_pdparams(tmp_path / "m.pdparams", state), tmp_path / "o.safetensors")
+    code, _, err = _run(capsys, "paddle", write_pdparams(tmp_path / "m.pdparams", state), tmp_path / "o.safetensors")
     assert code == 2 and "missing keys (5)" in err
     for suffix in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
         assert f"stages.2.blocks.1.norm2.{suffix}" in err
@@ -279,7 +274,7 @@ def test_missing_keys_are_listed(tmp_path, tiny_paddle, capsys):
 def test_extra_keys_are_listed(tmp_path, tiny_paddle, capsys):
     state = dict(tiny_paddle)
     state["blocks4.1.norm2.weight"] = np.ones(512, np.float32)  # a second stage-4 block the model does not have
-    path = _write_pdparams(tmp_path / "x.pdparams", state)
+    path = write_pdparams(tmp_path / "x.pdparams", state)
     code, _, err = _run(capsys, "paddle", path, tmp_path / "o.safetensors", "--model", "dsnet_tiny")
     assert code == 2 and "unexpected keys (1)" in err and "stages.3.blocks.1.norm2.weight" in err
     assert "[2, 2, 4, 2] blocks per stage" in err and "matches no released DS-Net variant" in err
@@ -290,20 +285,20 @@ def test_extra_keys_are_listed(tmp_path, tiny_paddle, capsys):
 def test_names_outside_the_key_map_are_refused(tmp_path, tiny_paddle, capsys):
     state = dict(tiny_paddle)
     state["blocks1.0.attn.qkv.weight"] = np.ones((64, 192), np.float32)
-    code, _, err = _run(capsys, "paddle", _write_pdparams(tmp_path / "u.pdparams", state), tmp_path / "o.safetensors")
+    code, _, err = _run(capsys, "paddle", write_pdparams(tmp_path / "u.pdparams", state), tmp_path / "o.safetensors")
     assert code == 2 and "outside the key map" in err and "blocks1.0.attn.qkv.weight" in err
 
 
 def test_shape_mismatch_shows_both_shapes(tmp_path, tiny_paddle, capsys):
     state = dict(tiny_paddle)
     state["blocks1.1.pos_embed.weight"] = np.ones((64, 1, 5, 5), np.float32)
-    code, _, err = _run(capsys, "paddle", _write_pdparams(tmp_path / "s.pdparams", state), tmp_path / "o.safetensors")
+    code, _, err = _run(capsys, "paddle", write_pdparams(tmp_path / "s.pdparams", state), tmp_path / "o.safetensors")
     assert code == 2 and "shape mismatches (1)" in err
     assert "stages.0.blocks.1.pos_embed.weight: checkpoint [64, 1, 5, 5] vs model [64, 1, 3, 3]" in err
 
 
 def test_layout_must_match_the_format(tmp_path, capsys):
-    torch_names = _write_pdparams(tmp_path / "t.pdparams", _reference_state("dsnet_tiny", "torch"))
+    torch_names = write_pdparams(tmp_path / "t.pdparams", _reference_state("dsnet_tiny", "torch"))
     code, _, err = _run(capsys, "paddle", torch_names, tmp_path / "o.safetensors")
     assert code == 2 and "torch layout" in err and "running_mean/running_var" in err
 
@@ -363,6 +358,84 @@ def test_torch_checkpoint_without_state_dict(tmp_path, capsys):
 def test_unknown_model_is_refused(tmp_path, tiny_pdparams, capsys):
     code, _, err = _run(capsys, "paddle", tiny_pdparams, tmp_path / "o.safetensors", "--model", "dsnet_huge")
     assert code == 2 and "unknown model 'dsnet_huge'" in err and "dsnet_tiny" in err
+
+
+# --- the peers: official layouts mapped by each model's own checkpoint_filter_fn --------------------------------------
+
+
+def _randomised(name: str, seed: int = 0) -> nn.Module:
+    """``name`` with random weights and BN statistics (so that a swapped or dropped tensor changes the logits)."""
+    model = timm.create_model(name)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, t in model.state_dict().items():
+            if t.is_floating_point():
+                noise = torch.randn(t.shape, generator=gen) * 0.1
+                t.copy_(noise.abs() + 0.5 if key.endswith("running_var") else noise)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def mixformer_b0_pdparams(tmp_path_factory) -> tuple[nn.Module, Path]:
+    model = _randomised("mixformer_b0")
+    path = tmp_path_factory.mktemp("mixformer") / "MixFormer_B0_pretrained.pdparams"
+    return model, write_pdparams(path, mixformer_b0_to_paddle(model))
+
+
+@pytest.fixture(scope="module")
+def transxnet_t_pth_tar(tmp_path_factory) -> tuple[nn.Module, Path]:
+    model = _randomised("transxnet_t")
+    path = tmp_path_factory.mktemp("transxnet") / "transx-t.pth.tar"
+    torch.save({"state_dict": transxnet_t_official_state_dict(model), "epoch": 300}, path)  # as released
+    return model, path
+
+
+@pytest.mark.parametrize(
+    ("name", "layout", "source", "entry"),
+    [
+        ("mixformer_b0", "paddle", "mixformer_b0_pdparams", ""),
+        ("transxnet_t", "torch", "transxnet_t_pth_tar", "'state_dict'"),
+    ],
+)
+def test_convert_official_peer_checkpoint_then_load_with_timm(tmp_path, capsys, request, name, layout, source, entry):
+    model, path = request.getfixturevalue(source)
+    out = tmp_path / f"{name}.safetensors"
+    code, stdout, err = _run(capsys, layout, path, out, "--model", name)
+    assert code == 0, err
+    params = sum(p.numel() for p in model.parameters())
+    assert f"{params:,} parameters" in stdout and f"by dsnet.models.{name.split('_')[0]}.checkpoint_filter_fn" in stdout
+    assert f"{layout} layout" in stdout and (f"entry {entry}" in stdout) == bool(entry)
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["converted_from"] == f"{layout}:{path.name}" and f.metadata()["dsnet_model"] == name
+    assert sorted(os.listdir(tmp_path)) == [out.name]  # no temporary file left
+
+    loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(out))).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_peer_checkpoint_needs_model(tmp_path, capsys, mixformer_b0_pdparams):
+    _, path = mixformer_b0_pdparams
+    code, _, err = _run(capsys, "paddle", path, tmp_path / "o.safetensors")
+    assert code == 2 and str(path) in err and "not a reference DS-Net checkpoint" in err and "pass --model" in err
+    assert "zoo models:" in err and "mixformer_b1" in err and "transxnet_t" in err
+
+
+def test_peer_checkpoint_for_the_wrong_model(tmp_path, capsys, mixformer_b0_pdparams, transxnet_t_pth_tar):
+    out = tmp_path / "o.safetensors"
+    _, path = mixformer_b0_pdparams
+    code, _, err = _run(capsys, "paddle", path, out, "--model", "mixformer_b1")  # same names, other widths/depths
+    assert code == 2 and f"{path} does not fit mixformer_b1" in err and "checkpoint_filter_fn" in err
+    assert "shape mismatches" in err and "head.proj.weight: checkpoint [1280, 192] vs model [1280, 256]" in err
+    _, pth = transxnet_t_pth_tar
+    code, _, err = _run(capsys, "torch", pth, out, "--model", "mixformer_b0")  # other names altogether
+    assert code == 2 and str(pth) in err and "do not map onto mixformer_b0" in err and "patch_embed.proj.conv" in err
+    code, _, err = _run(capsys, "torch", pth, out, "--model", "resnet18")
+    assert code == 2 and "resnet18" in err and "no checkpoint_filter_fn" in err
+    code, _, err = _run(capsys, "torch", pth, out, "--model", "transxnet_huge")
+    assert code == 2 and "unknown model 'transxnet_huge'" in err and "transxnet_t" in err
+    assert not out.exists()
 
 
 # --- the tables agree with the models --------------------------------------------------------------------------------

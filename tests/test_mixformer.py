@@ -6,7 +6,6 @@ The generic model contract (meta device, forward_intermediates, FX, ...) is in t
 from __future__ import annotations
 
 import math
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from timm.models.swin_transformer import get_relative_position_index
 from torch import nn
 
 import dsnet  # noqa: F401  (registers the models)
+from _official_checkpoints import mixformer_b0_to_paddle, official_keys, write_pdparams
 from dsnet.bench.complexity import count_macs, count_params
 from dsnet.convert.checkpoint import CheckpointMismatchError
 from dsnet.convert.pickle_safe import load_pdparams
@@ -42,12 +42,7 @@ def _randomise(module: nn.Module, seed: int = 0) -> nn.Module:
 
 def _official_keys() -> dict[str, tuple[tuple[int, ...], str]]:
     """key → (shape, dtype) of the official PaddleClas MixFormer-B0 state dict (generated from the official code)."""
-    keys = {}
-    for line in FIXTURE.read_text().splitlines():
-        if line and not line.startswith("#"):
-            key, shape, dtype = line.split()
-            keys[key] = (tuple(int(s) for s in shape.split("x")), dtype)
-    return keys
+    return official_keys(FIXTURE)
 
 
 def _fake_paddle_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
@@ -183,20 +178,7 @@ def test_official_keys_map_onto_b0_with_transposed_linears():
 def test_pdparams_round_trip_through_the_restricted_unpickler(tmp_path):
     torch.manual_seed(0)
     model = _randomise(timm.create_model("mixformer_b0"))
-    ours = model.state_dict()
-    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    paddle = {}
-    for key, (shape, _) in _official_keys().items():
-        new = paddle_key_to_ours(key)
-        if new is None:
-            paddle[key] = get_relative_position_index(7, 7).numpy()
-            continue
-        value = ours[new].numpy()
-        paddle[key] = value.T.copy() if new.rpartition(".")[0] in linears and value.ndim == 2 else value
-        assert paddle[key].shape == shape, key
-    path = tmp_path / "MixFormer_B0.pdparams"
-    with open(path, "wb") as f:  # what paddle.save writes: a dict of numpy arrays plus a name table
-        pickle.dump({**paddle, "StructuredToParameterName@@": {k: f"p_{i}" for i, k in enumerate(paddle)}}, f, 4)
+    path = write_pdparams(tmp_path / "MixFormer_B0.pdparams", mixformer_b0_to_paddle(model))
 
     restored = timm.create_model("mixformer_b0").eval()
     restored.load_state_dict(checkpoint_filter_fn(load_pdparams(path), restored), strict=True)

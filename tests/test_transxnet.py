@@ -7,8 +7,6 @@ file. What CI checks instead is that every official parameter name and shape map
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -17,12 +15,11 @@ import torch
 import torch.nn.functional as F
 
 import dsnet  # noqa: F401  (registers the models)
+from _official_checkpoints import transxnet_t_official_state_dict
 from dsnet.bench.complexity import count_macs, count_params
 from dsnet.export.onnx import check_onnx, export_onnx
 from dsnet.layers.per_sample_conv import _grouped_conv, _tap_products, per_sample_depthwise_conv2d
 from dsnet.models.transxnet import TransXNet, checkpoint_filter_fn, resize_relative_pos_bias
-
-OFFICIAL_KEYS = Path(__file__).parent / "fixtures" / "transxnet_t_official_keys.txt"
 
 # Parameter counts of the official models (LMMMEng/TransXNet, built with mmcv), in millions.
 OFFICIAL_PARAMS_M = {"transxnet_t": 12.835, "transxnet_s": 26.864, "transxnet_b": 48.009}
@@ -118,15 +115,8 @@ def test_idconv_kernels_depend_on_the_input():
         assert not torch.allclose(idconv(2 * x) - idconv(torch.zeros_like(x)), 2 * (out_pair - idconv(0 * x)))
 
 
-def _official_state_dict(fill: str = "zeros") -> dict[str, torch.Tensor]:
-    state_dict = {}
-    for line in OFFICIAL_KEYS.read_text().splitlines():
-        if line.startswith("#"):
-            continue
-        key, shape, dtype = line.split()
-        dims = () if shape == "scalar" else tuple(int(d) for d in shape.split("x"))
-        state_dict[key] = torch.zeros(dims, dtype=getattr(torch, dtype))
-    return state_dict
+def _official_state_dict() -> dict[str, torch.Tensor]:
+    return transxnet_t_official_state_dict()
 
 
 def test_every_official_key_maps_with_matching_shape():

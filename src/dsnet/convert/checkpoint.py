@@ -1,4 +1,4 @@
-"""Model-independent checkpoint plumbing: read PyTorch checkpoints safely, verify a state dict, write safetensors.
+"""Model-independent checkpoint plumbing: read checkpoints safely, verify a state dict, write safetensors.
 
 Verification refuses to guess: the converted state dict must have exactly the target's keys, each with exactly
 the target's shape; otherwise :class:`CheckpointMismatchError` lists every missing key, every unexpected key and
@@ -8,18 +8,25 @@ every shape mismatch (both shapes), so that one run tells the whole story.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import pickle
 import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 
 __all__ = [
     "CheckpointMismatchError",
+    "ConversionResult",
     "count_parameters",
+    "finish_conversion",
     "load_torch_checkpoint",
+    "read_checkpoint",
     "save_safetensors_atomic",
     "strip_prefix",
     "unwrap_state_dict",
@@ -209,3 +216,110 @@ def count_parameters(state_dict: Mapping[str, torch.Tensor], skip: Iterable[str]
     """Number of elements in ``state_dict``, leaving out keys ending with any suffix in ``skip``."""
     suffixes = tuple(skip)
     return sum(v.numel() for k, v in state_dict.items() if not (suffixes and k.endswith(suffixes)))
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str], layout: str, *, entry: str | None = None
+) -> tuple[dict[str, Any], str | None]:
+    """Read a foreign checkpoint without executing code: (state dict, entry used).
+
+    ``layout="paddle"`` reads a ``.pdparams`` with the numpy-only unpickler (values are numpy arrays);
+    ``layout="torch"`` reads a ``.pth``/``.pth.tar`` with :func:`load_torch_checkpoint` (values are tensors).
+
+    Raises:
+        FileNotFoundError, ValueError: as the two readers do; also for any other ``layout``.
+    """
+    if layout == "paddle":
+        from dsnet.convert.pickle_safe import load_pdparams
+
+        return dict(load_pdparams(path)), None
+    if layout == "torch":
+        return load_torch_checkpoint(path, entry=entry)
+    raise ValueError(f"layout must be 'paddle' or 'torch', got {layout!r}")
+
+
+@dataclass
+class ConversionResult:
+    """What a conversion to safetensors did (printed by ``dsnet convert``)."""
+
+    source: str
+    output: str
+    layout: str
+    model: str
+    num_classes: int
+    num_keys: int
+    num_params: int
+    sha256: str
+    names: str = "reference DS-Net names"
+    mapping: str = ""
+    depths: tuple[int, ...] | None = None
+    entry: str | None = None
+    transposed: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        entry = f" (entry {self.entry!r})" if self.entry else ""
+        depths = f"{list(self.depths)} blocks per stage, " if self.depths else ""
+        lines = [
+            f"read      {self.source}{entry}: {self.layout} layout, {self.names}",
+            f"model     {self.model}: {depths}{self.num_classes} classes",
+            f"mapped    {self.num_keys} keys{self.mapping}",
+            f"verified  every key and shape matches {self.model}; {self.num_params:,} parameters "
+            f"({self.num_params / 1e6:.3f}M)",
+            f"wrote     {self.output} (sha256 {self.sha256})",
+            f'load with timm.create_model("{self.model}", pretrained=True, '
+            f'pretrained_cfg_overlay=dict(file="{self.output}"))',
+        ]
+        return "\n".join(lines)
+
+
+def finish_conversion(
+    state_dict: Mapping[str, torch.Tensor],
+    target: nn.Module,
+    *,
+    source: str,
+    output: str,
+    model: str,
+    layout: str,
+    hint: str | None = None,
+    **details: Any,
+) -> ConversionResult:
+    """The common tail of every conversion: verify against ``target``, refuse non-finite values, write, summarise.
+
+    Args:
+        state_dict: the converted state dict (our names → tensors).
+        target: the model it must fit (may live on the meta device: only names and shapes are read).
+        source: the input file (for messages and the ``converted_from`` metadata).
+        output: the ``.safetensors`` file to write atomically.
+        model: the target's model name.
+        layout: the input's framework (``"paddle"`` or ``"torch"``).
+        hint: an extra sentence for a mismatch message.
+        details: further :class:`ConversionResult` fields (``names``, ``mapping``, ``depths``, ``entry``, ...).
+
+    Raises:
+        CheckpointMismatchError: keys or shapes differ from ``target`` (every difference listed).
+        ValueError: NaN or inf in a floating-point tensor.
+    """
+    expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    verify_state_dict(state_dict, expected, source=source, target=model, hint=hint)
+    non_finite = sorted(k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if non_finite:
+        raise ValueError(f"{source}: non-finite values (NaN/inf) in {len(non_finite)} tensors: {non_finite[:10]}")
+
+    metadata = {"format": "pt", "dsnet_model": model, "converted_from": f"{layout}:{os.path.basename(source)}"}
+    save_safetensors_atomic(state_dict, output, metadata=metadata)
+    digest = hashlib.sha256()
+    with open(output, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    param_names = {name for name, _ in target.named_parameters()}
+    return ConversionResult(
+        source=source,
+        output=output,
+        layout=layout,
+        model=model,
+        num_classes=int(getattr(target, "num_classes", 0)),
+        num_keys=len(state_dict),
+        num_params=sum(state_dict[k].numel() for k in param_names),
+        sha256=digest.hexdigest(),
+        **details,
+    )

@@ -30,11 +30,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
+
+from dsnet.convert.checkpoint import ConversionResult
 
 __all__ = [
     "BLOCK_MODULE_MAP",
@@ -45,6 +46,7 @@ __all__ = [
     "ConversionResult",
     "Layout",
     "convert_reference_checkpoint",
+    "convert_reference_state",
     "detect_layout",
     "infer_depths",
     "is_reference_layout",
@@ -252,43 +254,8 @@ def variant_hint(state_dict: Mapping[str, object], target: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Whole files: read → map → verify against the model → write safetensors
-
-
-@dataclass
-class ConversionResult:
-    """What :func:`convert_reference_checkpoint` did (printed by ``dsnet convert``)."""
-
-    source: str
-    output: str
-    layout: Layout
-    model: str
-    num_classes: int
-    depths: tuple[int, int, int, int]
-    num_keys: int
-    num_params: int
-    transposed: list[str] = field(default_factory=list)
-    entry: str | None = None
-    sha256: str = ""
-
-    def summary(self) -> str:
-        entry = f" (entry {self.entry!r})" if self.entry else ""
-        lines = [
-            f"read      {self.source}{entry}: {self.layout} layout, reference DS-Net names",
-            f"model     {self.model}: {list(self.depths)} blocks per stage, {self.num_classes} classes",
-            f"mapped    {self.num_keys} keys; {len(self.transposed)} Linear weights transposed"
-            + (
-                ", BN _mean/_variance → running_mean/running_var, num_batches_tracked added"
-                if self.layout == "paddle"
-                else ""
-            ),
-            f"verified  every key and shape matches {self.model}; {self.num_params:,} parameters "
-            f"({self.num_params / 1e6:.3f}M)",
-            f"wrote     {self.output} (sha256 {self.sha256})",
-            f'load with timm.create_model("{self.model}", pretrained=True, '
-            f'pretrained_cfg_overlay=dict(file="{self.output}"))',
-        ]
-        return "\n".join(lines)
+# Whole files: read → map → verify against the model → write safetensors (the tail is shared with other models:
+# :func:`dsnet.convert.checkpoint.finish_conversion`)
 
 
 def convert_reference_checkpoint(
@@ -312,22 +279,28 @@ def convert_reference_checkpoint(
         FileNotFoundError, ValueError: unreadable or unsafe file, names outside the key map, unknown model, or a
             mismatch with the model (:class:`~dsnet.convert.checkpoint.CheckpointMismatchError` lists it all).
     """
-    import hashlib
+    from dsnet.convert.checkpoint import read_checkpoint
 
+    raw, used_entry = read_checkpoint(source, layout, entry=entry)
+    return convert_reference_state(raw, output, source=os.fspath(source), layout=layout, model=model, entry=used_entry)
+
+
+def convert_reference_state(
+    raw: Mapping[str, np.ndarray | torch.Tensor],
+    output: str | os.PathLike[str],
+    *,
+    source: str,
+    layout: Layout,
+    model: str | None = None,
+    entry: str | None = None,
+) -> ConversionResult:
+    """:func:`convert_reference_checkpoint` for a state dict already read from ``source`` (by ``entry``)."""
     import timm
 
     import dsnet.models  # noqa: F401  (registers our models into timm)
-    from dsnet.convert.checkpoint import load_torch_checkpoint, save_safetensors_atomic, verify_state_dict
-    from dsnet.convert.pickle_safe import load_pdparams
+    from dsnet.convert.checkpoint import finish_conversion
 
-    source, output = os.fspath(source), os.fspath(output)
-    if layout == "paddle":
-        raw: Mapping[str, np.ndarray | torch.Tensor] = load_pdparams(source)
-        used_entry = None
-    elif layout == "torch":
-        raw, used_entry = load_torch_checkpoint(source, entry=entry)
-    else:
-        raise ValueError(f"layout must be 'paddle' or 'torch', got {layout!r}")
+    output = os.fspath(output)
     if not is_reference_layout(raw):
         sample = sorted(raw)[:5]
         raise ValueError(
@@ -354,32 +327,22 @@ def convert_reference_checkpoint(
     num_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else 1000
     with torch.device("meta"):
         target = timm.create_model(model, num_classes=num_classes)
-    expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
-    verify_state_dict(state_dict, expected, source=source, target=model, hint=variant_hint(state_dict, model))
-    non_finite = sorted(k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all())
-    if non_finite:
-        raise ValueError(f"{source}: non-finite values (NaN/inf) in {len(non_finite)} tensors: {non_finite[:10]}")
-
-    metadata = {"format": "pt", "dsnet_model": model, "converted_from": f"{layout}:{os.path.basename(source)}"}
-    save_safetensors_atomic(state_dict, output, metadata=metadata)
-    digest = hashlib.sha256()
-    with open(output, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    param_names = {name for name, _ in target.named_parameters()}
     transposed = sorted(
         k for k in raw if layout == "paddle" and k.endswith(".weight") and k.rsplit(".", 2)[-2] in PADDLE_LINEAR_MODULES
     )
-    return ConversionResult(
+    mapping = f"; {len(transposed)} Linear weights transposed" + (
+        ", BN _mean/_variance → running_mean/running_var, num_batches_tracked added" if layout == "paddle" else ""
+    )
+    return finish_conversion(
+        state_dict,
+        target,
         source=source,
         output=output,
-        layout=layout,
         model=model,
-        num_classes=num_classes,
+        layout=layout,
+        hint=variant_hint(state_dict, model),
+        mapping=mapping,
         depths=depths,
-        num_keys=len(state_dict),
-        num_params=sum(state_dict[k].numel() for k in param_names),
+        entry=entry,
         transposed=transposed,
-        entry=used_entry,
-        sha256=digest.hexdigest(),
     )
