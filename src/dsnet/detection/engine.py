@@ -28,6 +28,8 @@ import torch
 import yaml
 from torch import nn
 
+from dsnet.engine.config import coerce_value
+
 __all__ = [
     "DetectionConfig",
     "build_model",
@@ -111,35 +113,6 @@ class DetectionConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if args and type(None) in args:
-        if value is None:
-            return None
-        annotation = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config key {key!r} expects a list, got {value!r}")
-        return tuple(_coerce(v, args[0], key) for v in value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"config key {key!r} expects a mapping, got {value!r}")
-        return dict(value)
-    if annotation is bool and not isinstance(value, bool):
-        raise ValueError(f"config key {key!r} expects true/false, got {value!r}")
-    if annotation is int and not (isinstance(value, int) and not isinstance(value, bool)):
-        raise ValueError(f"config key {key!r} expects an integer, got {value!r}")
-    if annotation is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"config key {key!r} expects a number, got {value!r}") from None
-    if annotation is str and not isinstance(value, str):
-        raise ValueError(f"config key {key!r} expects a string, got {value!r}")
-    return value
-
-
 def _set(cfg: DetectionConfig, dotted: str, value: Any, where: str) -> None:
     section_name, _, key = dotted.partition(".")
     section = getattr(cfg, section_name, None) if section_name in ("model", "data", "optim", "run") else None
@@ -149,7 +122,7 @@ def _set(cfg: DetectionConfig, dotted: str, value: Any, where: str) -> None:
             f"{s}.{k}" for s in ("model", "data", "optim", "run") for k in typing.get_type_hints(type(getattr(cfg, s)))
         ]
         raise ValueError(f"unknown config key {dotted!r} in {where}; valid keys: {', '.join(valid)}")
-    setattr(section, key, _coerce(value, hints[key], dotted))
+    setattr(section, key, coerce_value(value, hints[key], dotted))
 
 
 def load_detection_config(

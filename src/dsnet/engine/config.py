@@ -195,8 +195,11 @@ def _unknown(key: str, where: str) -> ValueError:
     return ValueError(f"unknown config key {key!r} in {where}.{hint} Valid keys: {', '.join(_valid_keys())}")
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check / convert a YAML value to the field's annotated type; raise ValueError naming the key."""
+def coerce_value(value: Any, annotation: Any, key: str) -> Any:
+    """Check / convert a YAML value to the field's annotated type; raise ValueError naming the key.
+
+    Shared by every typed config of the project (classification runs, detection runs).
+    """
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -207,7 +210,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return coerce_value(value, arg, key)
             except ValueError as err:
                 errors.append(str(err))
         raise ValueError(errors[0] if errors else f"config key {key!r}: bad value {value!r}")
@@ -220,10 +223,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ValueError(f"config key {key!r} expects a list, got {value!r}")
         item = args[0] if args else Any
         if (len(args) == 2 and args[1] is Ellipsis) or len(args) == 1:
-            return tuple(_coerce(v, item, key) for v in value)
+            return tuple(coerce_value(v, item, key) for v in value)
         if len(value) != len(args):
             raise ValueError(f"config key {key!r} expects {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        return tuple(coerce_value(v, a, key) for v, a in zip(value, args))
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"config key {key!r} expects a mapping, got {value!r}")
@@ -269,7 +272,7 @@ def _set(cfg: RunConfig, dotted: str, value: Any, where: str) -> None:
     if parts[1] not in fields:
         raise _unknown(dotted, where)
     hints = typing.get_type_hints(type(section))
-    setattr(section, parts[1], _coerce(value, hints[parts[1]], dotted))
+    setattr(section, parts[1], coerce_value(value, hints[parts[1]], dotted))
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
