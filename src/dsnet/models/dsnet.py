@@ -74,7 +74,6 @@ from timm.layers import (
     ConvMlp,
     DropPath,
     calculate_drop_path_rates,
-    get_device_dtype,
     register_notrace_function,
     trunc_normal_,
 )
@@ -85,10 +84,10 @@ from timm.models import (
     register_model,
     resolve_pretrained_cfg,
 )
-from timm.models._features import feature_take_indices
 from torch import nn
 
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
+from dsnet.models._stages import StagedBackboneMixin
 
 __all__ = ["DSBlock", "DSNet", "DSStage", "InterScaleAlignment", "checkpoint_filter_fn"]
 
@@ -419,8 +418,11 @@ def _grid_sizes(global_grid_sizes: Sequence[int | Sequence[int]] | None, num_sta
     return sizes
 
 
-class DSNet(nn.Module):
+class DSNet(StagedBackboneMixin, nn.Module):
     """Dual-stream Network (DS-Net).
+
+    The timm API (``forward_intermediates``, ``prune_intermediate_layers``, ``group_matcher``, ...) comes from
+    :class:`~dsnet.models._stages.StagedBackboneMixin`; the stem group is stage 0's patch embedding.
 
     Args:
         in_chans: input image channels.
@@ -451,6 +453,8 @@ class DSNet(nn.Module):
             network-wide schedule, i.e. the index restarts at every stage (first block of each stage never drops).
         device, dtype: where and in which dtype to create the parameters (``"meta"`` works).
     """
+
+    _stem_group_regex = r"^stages\.0\.downsample"  # no stem module: stage 0's patch embedding
 
     def __init__(
         self,
@@ -540,100 +544,12 @@ class DSNet(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """Nothing beyond what timm's optimizer factory already exempts (1-D parameters: norms and biases).
+    # no_weight_decay: nothing beyond timm's 1-D exemptions (mixin default). DS-Net has no position-embedding
+    # tokens; its ``pos_embed`` is a depth-wise convolution that was trained with weight decay.
 
-        DS-Net has no position-embedding tokens; its ``pos_embed`` is a depth-wise convolution that was
-        trained with weight decay.
-        """
-        return set()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Parameter groups for layer-wise learning-rate decay: stem, then stages or blocks, then the final norm."""
-        return dict(
-            stem=r"^stages\.0\.downsample",
-            blocks=r"^stages\.(\d+)"
-            if coarse
-            else [
-                (r"^stages\.(\d+)\.downsample", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm", (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every DS-Block's activations in the backward pass instead of storing them."""
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier by a fresh one with ``num_classes`` outputs (0: none); optionally change pooling."""
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool, **get_device_dtype(self))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (feature pyramid) along the forward pass.
-
-        Args:
-            x: images (B, C, H, W), H and W at least 32.
-            indices: take the last ``n`` stages if an int, the listed stages if a list, all if None.
-            norm: apply the final BatchNorm to the last stage's output when it is taken.
-            stop_early: stop after the last stage that is taken.
-            output_fmt: only ``"NCHW"``.
-            intermediates_only: return only the list of stage outputs.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_idx = len(self.feature_info) - 1
-        x = check_input_size(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
-        intermediates = []
-        feat_idx = 0
-        for feat_idx, stage in enumerate(stages):
-            x = stage(x)
-            if feat_idx in take_indices:
-                intermediates.append(self.norm(x) if norm and feat_idx == last_idx else x)
-        if intermediates_only:
-            return intermediates
-        if feat_idx == last_idx:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-        self,
-        indices: int | list[int] = 1,
-        prune_norm: bool = False,
-        prune_head: bool = True,
-    ) -> list[int]:
-        """Drop the stages (and norm / head) not needed to produce the intermediates ``indices``."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        self.stages = self.stages[: max_index + 1]
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()
-        if prune_end:  # the head was sized for the last stage: rebuild it (without classifier) for the new end
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-            self.head.reset(0, "", in_features=self.num_features)
-            self.num_classes = 0
-        elif prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """No stem module: stage 0's patch embedding is the stem; only the input size is checked here."""
+        return check_input_size(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) → normalised last-stage features (B, 512, H/32, W/32)."""

@@ -50,15 +50,16 @@ from timm.layers import (
     Mlp,
     SelectAdaptivePool2d,
     calculate_drop_path_rates,
+    get_device_dtype,
     register_notrace_function,
     trunc_normal_,
 )
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import get_relative_position_index, window_partition, window_reverse
 from torch import nn
 
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
+from dsnet.models._stages import StagedBackboneMixin
 
 __all__ = ["MixFormer", "MixingAttention", "MixingBlock", "checkpoint_filter_fn"]
 
@@ -414,8 +415,12 @@ class MixFormerHead(nn.Module):
         return x
 
 
-class MixFormer(nn.Module):
+class MixFormer(StagedBackboneMixin, nn.Module):
     """MixFormer (CVPR 2022): a 4-stage pyramid of Mixing Blocks (strides 4, 8, 16, 32; channels C, 2C, 4C, 8C).
+
+    The timm API (``forward_intermediates``, ``prune_intermediate_layers``, ``group_matcher``, ...) comes from
+    :class:`~dsnet.models._stages.StagedBackboneMixin`; the final norm is a channels-last LayerNorm and the head
+    is MixFormer's own (per-token projection before pooling).
 
     Args:
         in_chans: image channels.
@@ -522,95 +527,19 @@ class MixFormer(nn.Module):
         """Relative position bias tables (1-D parameters and biases are excluded by timm's optimizer factory)."""
         return {name for name, _ in self.named_parameters() if name.endswith("relative_position_bias_table")}
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(
-            stem=r"^stem",
-            blocks=r"^stages\.(\d+)"
-            if coarse
-            else [
-                (r"^stages\.(\d+)\.downsample", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm", (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New classifier for ``num_classes`` (0: none); ``global_pool`` as in the constructor, None keeps it."""
-        param = next(self.parameters())
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool, device=param.device, dtype=param.dtype)
+        super().reset_classifier(num_classes, global_pool)
         if global_pool is not None:
             self.global_pool = global_pool
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # LN over the channels of (B, C, H, W)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (B, C_i, H/2^(i+2), W/2^(i+2)), and the final features unless ``intermediates_only``.
-
-        Args:
-            x: images (B, in_chans, H, W).
-            indices: last n stages if int, all if None, else the listed stage indices.
-            norm: apply the final LN to the last stage's output.
-            stop_early: stop after the last requested stage.
-            output_fmt: only ``'NCHW'``.
-            intermediates_only: return only the list of intermediates.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt={output_fmt!r}: only 'NCHW' is supported")
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last = len(self.stages) - 1
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
-        x = self.stem(x)
-        i = 0
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(self._final_norm(x) if norm and i == last else x)
-        if intermediates_only:
-            return intermediates
-        if i == last:
-            x = self._final_norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-        self,
-        indices: int | list[int] = 1,
-        prune_norm: bool = False,
-        prune_head: bool = True,
-    ) -> list[int]:
-        """Drop the stages after the last of ``indices`` (and the final norm / head); returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        self.stages = self.stages[: max_index + 1]
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()
-        if prune_end:
-            self.num_features = self.feature_info[max_index]["num_chs"]
-        if prune_head or prune_end:
-            param = next(self.parameters())
-            self.head = MixFormerHead(self.num_features, 0, 0, "", device=param.device, dtype=param.dtype)
-            self.num_classes, self.global_pool, self.head_hidden_size = 0, "", self.num_features
-        return take_indices
+    def _prune_head(self) -> None:
+        """A head without projection, pooling and classifier: forward_head passes the features through."""
+        self.head = MixFormerHead(self.num_features, 0, 0, "", **get_device_dtype(self))
+        self.num_classes, self.global_pool, self.head_hidden_size = 0, "", self.num_features
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, in_chans, H, W) → normalised last-stage features (B, 8C, H/32, W/32)."""

@@ -49,12 +49,12 @@ from timm.layers import (
     trunc_normal_,
 )
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import nn
 
 from dsnet.layers.adaptive_avg_pool import AdaptiveAvgPool2d
 from dsnet.layers.per_sample_conv import per_sample_depthwise_conv2d
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
+from dsnet.models._stages import StagedBackboneMixin
 
 __all__ = ["TransXNet", "checkpoint_filter_fn"]
 
@@ -435,8 +435,11 @@ class TransXNetStage(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class TransXNet(nn.Module):
+class TransXNet(StagedBackboneMixin, nn.Module):
     """TransXNet image classifier / backbone.
+
+    The timm API (``forward_intermediates``, ``prune_intermediate_layers``, ``group_matcher``, ...) comes from
+    :class:`~dsnet.models._stages.StagedBackboneMixin`.
 
     Args:
         in_chans: input image channels.
@@ -455,6 +458,8 @@ class TransXNet(nn.Module):
         drop_path_rate: stochastic depth, increasing linearly over all blocks.
         device, dtype: where and in which dtype to create parameters (``"meta"`` works).
     """
+
+    _stage_entry_regex = r"(?:downsample|relative_pos_bias)"  # grouped with the stage's first block
 
     def __init__(
         self,
@@ -531,89 +536,8 @@ class TransXNet(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """Names excluded from weight decay besides biases and 1-D parameters: none, as in the official recipe."""
-        return set()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return {
-            "stem": r"^stem",
-            "blocks": r"^stages\.(\d+)"
-            if coarse
-            else [
-                (r"^stages\.(\d+)\.(?:downsample|relative_pos_bias)", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm", (99999,)),
-            ],
-        }
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Forward pass that also returns stage outputs.
-
-        Args:
-            x: input images (B, C, H, W).
-            indices: last n stages if int, all if None, else the listed stage indices.
-            norm: apply the final GroupNorm to the last stage's output when it is taken.
-            stop_early: stop after the last requested stage.
-            output_fmt: only ``"NCHW"``.
-            intermediates_only: return only the list of intermediates.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"TransXNet features are NCHW; output_fmt={output_fmt!r} is not supported")
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_idx = len(self.stages) - 1
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
-
-        x = self.stem(x)
-        feat_idx = 0
-        for feat_idx, stage in enumerate(stages):
-            x = stage(x)
-            if feat_idx in take_indices:
-                intermediates.append(self.norm(x) if norm and feat_idx == last_idx else x)
-        if intermediates_only:
-            return intermediates
-        if feat_idx == last_idx:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop the stages (and norm/head) not needed for the intermediates ``indices``; returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        self.stages = self.stages[: max_index + 1]
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-        if prune_head or prune_end:
-            self.reset_classifier(0, "")
-        return take_indices
+    # no_weight_decay: nothing beyond timm's 1-D exemptions (mixin default), as in the official recipe; the
+    # relative position biases are decayed.
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)  # (B, C0, H/4, W/4)
