@@ -33,7 +33,11 @@ __all__ = [
     "RunConfig",
     "SchedConfig",
     "TrainConfig",
+    "coerce_value",
     "load_config",
+    "load_typed_config",
+    "set_value",
+    "valid_keys",
 ]
 
 
@@ -182,17 +186,16 @@ def _section_fields(section: Any) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(section)}
 
 
-def _valid_keys() -> list[str]:
-    cfg = RunConfig()
-    keys = [f"{s}.{k}" for s in _section_fields(cfg) for k in _section_fields(getattr(cfg, s))]
-    return keys
+def valid_keys(cfg: Any) -> list[str]:
+    """Every ``section.key`` of a sectioned config dataclass instance (for error messages and docs)."""
+    return [f"{s}.{k}" for s in _section_fields(cfg) for k in _section_fields(getattr(cfg, s))]
 
 
-def _unknown(key: str, where: str) -> ValueError:
-    valid = _valid_keys() + sorted(FLAT_KEYS)
-    close = difflib.get_close_matches(key, valid, n=3)
+def _unknown(key: str, where: str, cfg: Any, aliases: typing.Iterable[str] = ()) -> ValueError:
+    valid = valid_keys(cfg)
+    close = difflib.get_close_matches(key, valid + sorted(aliases), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    return ValueError(f"unknown config key {key!r} in {where}.{hint} Valid keys: {', '.join(_valid_keys())}")
+    return ValueError(f"unknown config key {key!r} in {where}.{hint} Valid keys: {', '.join(valid)}")
 
 
 def coerce_value(value: Any, annotation: Any, key: str) -> Any:
@@ -257,58 +260,94 @@ def coerce_value(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
-def _set(cfg: RunConfig, dotted: str, value: Any, where: str) -> None:
-    dotted = FLAT_KEYS.get(dotted, dotted)
-    if dotted == "train.ema" and isinstance(value, bool):  # flat recipes say `ema: true|false`
-        value = DEFAULT_EMA_DECAY if value else 0.0
+def set_value(cfg: Any, dotted: str, value: Any, where: str, aliases: typing.Iterable[str] = ()) -> None:
+    """Set ``section.key`` (or ``section.mapping_field.item``) of the config dataclass ``cfg``, type-checked.
+
+    ``where`` names the origin (a file, ``--set``) in the error raised for an unknown key or a badly typed value.
+    """
     parts = dotted.split(".")
-    if len(parts) == 3 and parts[1] == "kwargs" and parts[0] == "model":
-        cfg.model.kwargs[parts[2]] = value
-        return
-    if len(parts) != 2 or parts[0] not in _section_fields(cfg):
-        raise _unknown(dotted, where)
+    if len(parts) not in (2, 3) or parts[0] not in _section_fields(cfg):
+        raise _unknown(dotted, where, cfg, aliases)
     section = getattr(cfg, parts[0])
-    fields = _section_fields(section)
-    if parts[1] not in fields:
-        raise _unknown(dotted, where)
-    hints = typing.get_type_hints(type(section))
-    setattr(section, parts[1], coerce_value(value, hints[parts[1]], dotted))
+    if parts[1] not in _section_fields(section):
+        raise _unknown(dotted, where, cfg, aliases)
+    annotation = typing.get_type_hints(type(section))[parts[1]]
+    if len(parts) == 3:  # one item of a mapping field, e.g. model.kwargs.img_size=64
+        if typing.get_origin(annotation) is not dict:
+            raise _unknown(dotted, where, cfg, aliases)
+        getattr(section, parts[1])[parts[2]] = value
+        return
+    setattr(section, parts[1], coerce_value(value, annotation, dotted))
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    items = []
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and not prefix and key in _section_fields(RunConfig()):
-            items.extend(_flatten(value, f"{dotted}."))
-        else:
-            items.append((dotted, value))
-    return items
+ConfigT = typing.TypeVar("ConfigT")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """A :class:`RunConfig` from defaults, then the YAML recipe at ``path``, then ``key=value`` overrides.
+def load_typed_config(
+    config_class: type[ConfigT],
+    path: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+    *,
+    rename: typing.Callable[[str, Any], tuple[str, Any]] | None = None,
+    aliases: typing.Iterable[str] = (),
+) -> ConfigT:
+    """A sectioned config dataclass from its defaults, then the YAML recipe at ``path``, then ``key=value`` overrides.
 
-    A recipe may hold ``base: other.yaml`` (relative to itself) to start from another recipe.
+    ``config_class`` holds one dataclass per section (``RunConfig``, ``DetectionConfig``...). A recipe is a mapping
+    of sections (or, with ``rename``, of flat keys that ``rename`` maps to ``section.key``); it may hold
+    ``base: other.yaml`` (relative to itself) to start from another recipe. Overrides are ``section.key=value``
+    with YAML values. ``aliases`` are extra accepted names offered in "did you mean" hints.
 
     Raises:
         FileNotFoundError: the recipe does not exist.
         ValueError: an unknown key (the message lists the valid ones), a badly typed value or a malformed override.
     """
-    cfg = RunConfig()
+    cfg = config_class()
+    sections = set(_section_fields(cfg))
+
+    def assign(key: str, value: Any, where: str) -> None:
+        if rename is not None:
+            key, value = rename(key, value)
+        set_value(cfg, key, value, where, aliases)
+
     if path is not None:
-        for key, value in _read_recipe(Path(path)):
-            _set(cfg, key, value, str(path))
+        for key, value in _read_recipe(Path(path), sections):
+            assign(key, value, str(path))
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.002)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
-        _set(cfg, key.strip(), value, "--set")
+        assign(key.strip(), yaml.safe_load(raw) if raw.strip() else None, "--set")
     return cfg
 
 
-def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any]]:
+def _flat_recipe_key(key: str, value: Any) -> tuple[str, Any]:
+    key = FLAT_KEYS.get(key, key)
+    if key == "train.ema" and isinstance(value, bool):  # flat recipes say `ema: true|false`
+        value = DEFAULT_EMA_DECAY if value else 0.0
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """A :class:`RunConfig` from defaults, then the YAML recipe at ``path``, then ``key=value`` overrides.
+
+    Nested and flat (:data:`FLAT_KEYS`) recipe keys are both accepted; see :func:`load_typed_config`.
+    """
+    return load_typed_config(RunConfig, path, overrides, rename=_flat_recipe_key, aliases=FLAT_KEYS)
+
+
+def _flatten(tree: dict[str, Any], sections: set[str], prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and not prefix and key in sections:
+            items.extend(_flatten(value, sections, f"{dotted}."))
+        else:
+            items.append((dotted, value))
+    return items
+
+
+def _read_recipe(path: Path, sections: set[str], seen: tuple[Path, ...] = ()) -> list[tuple[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     if path.resolve() in seen:
@@ -319,5 +358,5 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any
     items: list[tuple[str, Any]] = []
     base = tree.pop("base", None)
     if base is not None:
-        items.extend(_read_recipe(path.parent / base, (*seen, path.resolve())))
-    return items + _flatten(tree)
+        items.extend(_read_recipe(path.parent / base, sections, (*seen, path.resolve())))
+    return items + _flatten(tree, sections)
