@@ -36,6 +36,7 @@ __all__ = [
     "ShardedEpochSampler",
     "TransformedDataset",
     "collate_with_bad_files",
+    "sample_seed",
 ]
 
 #: Per-channel statistics of the Fashion-MNIST training split (pixels scaled to 0…1).
@@ -120,7 +121,8 @@ class FashionMNISTDataset(ClassificationDataset):
         return f"fashion_mnist/{self.split}[{index}]"
 
 
-def _sample_seed(seed: int, epoch: int, index: int) -> int:
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of the augmentation of sample ``index`` in ``epoch``: the same whichever rank or worker loads it."""
     return (seed * 1_000_003 + epoch * 10_000_019 + index * 7919) % (2**31 - 1)
 
 
@@ -159,7 +161,7 @@ class TransformedDataset(Dataset):
                 continue
             with torch.random.fork_rng(devices=[]):
                 state = random.getstate(), np.random.get_state()
-                seed = _sample_seed(self.seed, epoch, current)
+                seed = sample_seed(self.seed, epoch, current)
                 torch.manual_seed(seed)
                 random.seed(seed)
                 np.random.seed(seed)

@@ -7,11 +7,24 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_reduce_sum", "barrier", "cleanup", "init_distributed", "resolve_device"]
+T = TypeVar("T")
+
+__all__ = [
+    "DistInfo",
+    "all_gather_objects",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "cleanup",
+    "init_distributed",
+    "rank_and_world",
+    "resolve_device",
+]
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,35 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         else:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the current process group; ``(0, 1)`` without one."""
+    if not _initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def broadcast_object(value: T) -> T:
+    """Rank 0's ``value`` (any picklable object) on every rank. Identity without a process group."""
+    if not _initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def all_gather_objects(value: T) -> list[T]:
+    """``[value of rank 0, value of rank 1, ...]`` on every rank. ``[value]`` without a process group."""
+    if not _initialized():
+        return [value]
+    gathered: list[T] = [value] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def barrier() -> None:

@@ -40,11 +40,20 @@ from dsnet.data.build import build_dataset, build_transform, normalization
 from dsnet.data.datasets import ShardedEpochSampler, TransformedDataset, collate_with_bad_files
 from dsnet.engine import checkpoint as ckpt
 from dsnet.engine.config import RunConfig, load_config
-from dsnet.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from dsnet.engine.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
 from dsnet.engine.evaluate import EvalResult, autocast_context, evaluate
 from dsnet.engine.report import MetricsLog, Progress, plot_confusion, plot_curves
 
-__all__ = ["NonFiniteLossError", "build_model", "check_model_name", "resolve_amp", "train"]
+__all__ = [
+    "NonFiniteLossError",
+    "auto_threads",
+    "build_model",
+    "check_model_name",
+    "make_run_dir",
+    "resolve_amp",
+    "train",
+    "update_seed",
+]
 
 #: Test hook: ``"<update>:<seconds>"`` sleeps after the mid-epoch checkpoint of that optimizer update, so that a
 #: test can kill the run at a known point.
@@ -141,7 +150,9 @@ def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
     return model
 
 
-def _update_seed(seed: int, update: int, rank: int) -> int:
+def update_seed(seed: int, update: int, rank: int) -> int:
+    """Seed of the generators used inside optimizer update ``update`` on ``rank`` (stochastic depth, mixup, samplers
+    inside detectors): a function of the run's seed only, so a resumed run draws what the uninterrupted one drew."""
     return (seed * 1_000_003 + update * 7_919 + rank * 104_729 + 17) % (2**31 - 1)
 
 
@@ -176,29 +187,17 @@ class _BadFiles:
             )
 
 
-def _new_run_dir(cfg: RunConfig, dist_info: DistInfo) -> Path:
-    name = cfg.train.name or f"{cfg.model.name}-{cfg.data.dataset}"
+def make_run_dir(parent: str | Path, name: str, dist_info: DistInfo) -> Path:
+    """Create ``parent/<name>-<UTC timestamp>`` on rank 0 (suffixed if it exists) and share its path with all ranks."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    holder = [str(Path(cfg.train.output_dir) / f"{name}-{stamp}")]
-    if dist_info.distributed:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(holder, src=0)
-    run_dir = Path(holder[0])
+    run_dir = Path(parent) / f"{name}-{stamp}"
     if dist_info.is_main:
-        suffix = 1
-        base = run_dir
+        base, suffix = run_dir, 1
         while run_dir.exists():  # two runs started in the same second
             run_dir = base.with_name(f"{base.name}-{suffix}")
             suffix += 1
         run_dir.mkdir(parents=True)
-    if dist_info.distributed:
-        import torch.distributed as dist
-
-        holder = [str(run_dir)]
-        dist.broadcast_object_list(holder, src=0)
-        run_dir = Path(holder[0])
-    return run_dir
+    return Path(broadcast_object(str(run_dir)))
 
 
 def train(
@@ -336,7 +335,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
         if main:
             log(f"resuming {run_dir} at epoch {start_epoch}, update {update}")
     else:
-        run_dir = _new_run_dir(cfg, dist_info)
+        run_dir = make_run_dir(t.output_dir, t.name or f"{cfg.model.name}-{d.dataset}", dist_info)
     ckpt_dir = run_dir / "checkpoints"
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
     if main:
@@ -433,7 +432,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
         for images, targets, bad in loader:
             bad_files.add(bad)
             if micro_index == 0:
-                seed = _update_seed(t.seed, update, dist_info.rank)
+                seed = update_seed(t.seed, update, dist_info.rank)
                 torch.manual_seed(seed)
                 np.random.seed(seed)
                 random.seed(seed)
