@@ -229,19 +229,17 @@ def _train_args(root: Path, out: Path, *extra: str) -> list[str]:
     return ["detect", "train"] + [a for s in sets for a in ("--set", s)]
 
 
-def test_cli_train_resume_eval_predict(fashion_det, tmp_path, capsys):
+def test_cli_train_eval_predict(fashion_det, tmp_path, capsys):
     assert main(_train_args(fashion_det, tmp_path, "optim.epochs=1")) == 0
-    run = tmp_path / "run"
-    assert {"config.yaml", "metrics.jsonl", "checkpoints"} <= {p.name for p in run.iterdir()}
+    (run,) = tmp_path.glob("run-*")  # run.name + a timestamp, as classification runs
+    assert {"config.yaml", "metrics.jsonl", "checkpoints", "summary.json"} <= {p.name for p in run.iterdir()}
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["kind"] == "eval" and records[-1]["epoch"] == 1 and "bbox_AP" in records[-1]
-    # resume to a second epoch: the loop continues at epoch 2 from the saved state
-    assert main([*_train_args(fashion_det, tmp_path, "optim.epochs=2"), "--resume", str(run)]) == 0
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records if r["kind"] == "eval"] == [1, 2]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["bbox_AP"] == records[-1]["bbox_AP"] and summary["updates"] == 3  # 12 images // batch 4
     capsys.readouterr()
     assert main(["detect", "eval", str(run), "--tag", "last"]) == 0
-    assert "bbox_AP75" in json.loads(capsys.readouterr().out)
+    assert json.loads(capsys.readouterr().out)["bbox_AP"] == pytest.approx(summary["bbox_AP"], abs=1e-6)
     out_png = tmp_path / "pred.png"
     image = split_paths(fashion_det, "val")[0] / "000000.png"
     assert main(["detect", "predict", str(run), str(image), "--out", str(out_png), "--score-thresh", "0"]) == 0
@@ -255,6 +253,10 @@ def test_cli_errors(fashion_det, tmp_path, capsys):
     assert "unknown config key 'optim.nope'" in capsys.readouterr().err
     assert main(_train_args(tmp_path / "absent", tmp_path)) == 2
     assert "not found" in capsys.readouterr().err
+    assert main([*_train_args(fashion_det, tmp_path), "--resume", str(tmp_path)]) == 2
+    assert "do not combine it with --config/--set" in capsys.readouterr().err
+    assert main(["detect", "train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
 
 
 def test_maskrcnn_trains_and_reports_mask_ap(fashion_det, tmp_path):

@@ -6,12 +6,17 @@ Examples::
     dsnet detect train --config configs/detection/retinanet_dsnet_tiny_fashion.yaml --set optim.epochs=4
     dsnet detect eval runs/retinanet-dsnet_tiny-ds_fpn-... --split val
     dsnet detect predict runs/retinanet-... data/fashion_det/val/000001.png --out pred.png
+
+Several processes (DDP; gloo on CPU, nccl on CUDA; ``data.batch_size`` is the global batch)::
+
+    torchrun --nproc-per-node 2 -m dsnet.cli.main detect train -c configs/detection/retinanet_dsnet_tiny_fashion.yaml
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -29,6 +34,11 @@ def _make_data(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from dsnet.detection.engine import load_detection_config, train
 
+    if args.resume:
+        if args.config or args.set or args.data_dir:
+            raise ValueError("--resume continues a run with its saved config; do not combine it with --config/--set")
+        print(json.dumps(train(resume=args.resume), indent=2))
+        return 0
     overrides = list(args.set or [])
     if args.data_dir:
         overrides.append(f"data.root={args.data_dir}")
@@ -38,8 +48,9 @@ def _train(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    result = train(cfg, resume=args.resume)
-    print(json.dumps(result, indent=2))
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result, indent=2))
     return 0
 
 
@@ -113,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--data-dir", help="dataset root (same as --set data.root=DIR)")
     t.add_argument(
-        "--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
+        "--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly from its last checkpoint"
     )
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=_train)

@@ -32,6 +32,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from dsnet.data.datasets import sample_seed
+
 __all__ = ["CocoDetection", "collate", "load_coco_json", "make_fashion_detection", "split_paths"]
 
 _BOX_TOLERANCE = 1.0  # pixels a box may exceed the image by (rounding in converted annotations)
@@ -107,10 +109,22 @@ class CocoDetection(torch.utils.data.Dataset):
         image_dir: folder holding the images named by ``file_name``.
         ann_file: COCO ``instances`` JSON.
         masks: also return instance masks (Mask R-CNN).
-        hflip: probability of a random horizontal flip (training augmentation).
+        hflip: probability of a random horizontal flip (training augmentation). Whether sample ``i`` is flipped in
+            ``epoch`` is drawn from :func:`dsnet.data.datasets.sample_seed` ``(seed, epoch, i)``: items may be
+            indexed by ``(index, epoch)`` keys (as :class:`~dsnet.data.datasets.ShardedEpochSampler` yields), and
+            the flip does not depend on the rank, the worker or a resume.
+        seed: the run's seed, for the flips.
     """
 
-    def __init__(self, image_dir: str | Path, ann_file: str | Path, *, masks: bool = False, hflip: float = 0.0) -> None:
+    def __init__(
+        self,
+        image_dir: str | Path,
+        ann_file: str | Path,
+        *,
+        masks: bool = False,
+        hflip: float = 0.0,
+        seed: int = 0,
+    ) -> None:
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
         if not self.image_dir.is_dir():
@@ -118,6 +132,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.data = load_coco_json(self.ann_file)
         self.masks = masks
         self.hflip = hflip
+        self.seed = seed
         self.images = sorted(self.data["images"], key=lambda i: i["id"])
         for img in self.images:
             if not (self.image_dir / img["file_name"]).is_file():
@@ -155,7 +170,8 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, dict[str, Tensor]]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
         info = self.images[index]
         path = self.image_dir / info["file_name"]
         try:
@@ -184,7 +200,8 @@ class CocoDetection(torch.utils.data.Dataset):
         }
         if self.masks:
             target["masks"] = self._masks(anns, height, width)
-        if self.hflip > 0 and torch.rand(()) < self.hflip:
+        flip = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+        if self.hflip > 0 and torch.rand((), generator=flip) < self.hflip:
             image = image.flip(-1)
             target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
             if self.masks:

@@ -3,8 +3,16 @@
 A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object per logged step and
 per evaluation, ``kind`` = ``"step"`` / ``"eval"``, through :class:`dsnet.engine.report.MetricsLog`)
 and ``checkpoints/`` (``last``/``best`` written atomically by :mod:`dsnet.engine.checkpoint`).
-``resume`` continues a run from ``checkpoints/last`` (model, optimizer, RNG and data order, epoch; the learning
-rate follows the update count).
+``resume`` continues a run exactly from ``checkpoints/last`` (weights, optimizer, schedule, data position).
+
+The loop shares the classification engine's machinery: :class:`~dsnet.data.datasets.ShardedEpochSampler` (data order
+a function of ``(seed, epoch)``, a global batch split over the ranks, restart at any update), per-sample flip seeds,
+``torchrun`` DDP (gloo on CPU, nccl on CUDA) with sharded evaluation, ``run.amp`` autocast, timm's optimizer and
+step schedule, atomic checkpoints.
+
+Several processes::
+
+    torchrun --nproc-per-node 2 -m dsnet.cli.main detect train -c configs/detection/retinanet_dsnet_tiny_fashion.yaml
 
 Example (a few seconds on a CPU):
     >>> from dsnet.detection.engine import load_detection_config, train
@@ -19,7 +27,6 @@ import dataclasses
 import json
 import math
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +35,7 @@ import torch
 import yaml
 from torch import nn
 
-from dsnet.engine.config import coerce_value
+from dsnet.engine.config import load_typed_config
 
 __all__ = [
     "DetectionConfig",
@@ -68,20 +75,25 @@ class DetDataConfig:
     train_split: str = "train"
     val_split: str = "val"
     hflip: float = 0.5  # random horizontal flip probability in training
-    batch_size: int = 8
-    workers: int = 0  # DataLoader workers
+    batch_size: int = 8  # GLOBAL images per optimizer update (split over the torchrun processes)
+    workers: int = 0  # DataLoader workers per process
     max_train_images: int | None = None  # first N training images only (quick runs, tests)
     max_val_images: int | None = None  # first N validation images only
 
 
 @dataclass
 class DetOptimConfig:
-    """AdamW with step decay, the paper's 1× recipe shape (decay ×0.1 at 8/12 and 11/12 of the epochs)."""
+    """AdamW with step decay, the paper's 1× recipe shape (decay ×0.1 at 8/12 and 11/12 of the epochs).
 
-    lr: float = 2e-4
+    The schedule is timm's ``MultiStepLRScheduler`` stepped per update: linear warm-up from ``lr × warmup_ratio``
+    (mmdetection's 0.001), then ×0.1 at each milestone.
+    """
+
+    lr: float = 2e-4  # for the global batch data.batch_size
     weight_decay: float = 0.05  # not applied to norms and biases
     epochs: int = 12
     warmup_iters: int = 100  # linear warm-up updates
+    warmup_ratio: float = 0.001  # warm-up starts at lr × warmup_ratio
     decay_at: tuple[float, ...] = (8 / 12, 11 / 12)  # fractions of training where lr is multiplied by 0.1
     clip_grad: float | None = 10.0  # global gradient-norm clip
 
@@ -90,14 +102,16 @@ class DetOptimConfig:
 class DetRunConfig:
     """Loop, logs, outputs."""
 
-    seed: int = 0
-    device: str = "auto"  # "auto", "cpu", "cuda", ...
-    threads: int | None = None  # torch CPU threads
+    seed: int = 0  # initialisation, data order, flips, the detectors' own samplers
+    device: str = "auto"  # "auto" (cuda:<local rank> if available, else cpu), "cpu", "cuda", ...
+    amp: str = "auto"  # "auto" (bf16 on cuda with bf16 support, else off), "none", "bf16", "fp16" (cuda)
+    threads: int | None = None  # torch CPU threads per process; None: dsnet.engine.trainer.auto_threads
     output_dir: str = "runs"
-    name: str | None = None  # run folder name; None: "<arch>-<backbone>-<neck>-<timestamp>"
+    name: str | None = None  # run name; the folder is <name>-<timestamp>; None: "<arch>-<backbone>-<neck>"
     log_interval: int = 20  # updates between step records
+    ckpt_interval: int = 0  # also checkpoint "last" every N updates (mid-epoch); 0: per epoch only
     eval_interval: int = 1  # epochs between evaluations (and after the last)
-    progress: bool = True  # tqdm progress bars
+    progress: bool = True  # progress bars (rank 0)
 
 
 @dataclass
@@ -113,40 +127,15 @@ class DetectionConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-def _set(cfg: DetectionConfig, dotted: str, value: Any, where: str) -> None:
-    section_name, _, key = dotted.partition(".")
-    section = getattr(cfg, section_name, None) if section_name in ("model", "data", "optim", "run") else None
-    hints = typing.get_type_hints(type(section)) if section is not None else {}
-    if key not in hints:
-        valid = [
-            f"{s}.{k}" for s in ("model", "data", "optim", "run") for k in typing.get_type_hints(type(getattr(cfg, s)))
-        ]
-        raise ValueError(f"unknown config key {dotted!r} in {where}; valid keys: {', '.join(valid)}")
-    setattr(section, key, coerce_value(value, hints[key], dotted))
-
-
 def load_detection_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> DetectionConfig:
-    """Defaults, then the YAML recipe at ``path`` (nested sections), then ``section.key=value`` overrides."""
-    cfg = DetectionConfig()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ValueError(f"config {path}: expected a mapping of sections (model, data, optim, run)")
-        for section, values in tree.items():
-            if not isinstance(values, dict):
-                raise ValueError(f"config {path}: section {section!r} must be a mapping")
-            for key, value in values.items():
-                _set(cfg, f"{section}.{key}", value, str(path))
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form section.key=value (e.g. optim.lr=0.001)")
-        key, raw = item.split("=", 1)
-        _set(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else None, "--set")
+    """Defaults, then the YAML recipe at ``path`` (nested sections), then ``section.key=value`` overrides.
+
+    The same loader as classification runs (:func:`dsnet.engine.config.load_typed_config`): ``base:`` recipes,
+    typed values, unknown keys named with the valid ones.
+    """
+    cfg = load_typed_config(DetectionConfig, path, overrides)
     if cfg.model.arch not in ("retinanet", "maskrcnn"):
         raise ValueError(f"model.arch must be 'retinanet' or 'maskrcnn', got {cfg.model.arch!r}")
     return cfg
@@ -181,15 +170,11 @@ def _datasets(cfg: DetectionConfig) -> tuple[Any, Any]:
     from dsnet.detection.data import CocoDetection, split_paths
 
     masks = cfg.model.arch == "maskrcnn"
-    train_set = CocoDetection(*split_paths(cfg.data.root, cfg.data.train_split), masks=masks, hflip=cfg.data.hflip)
+    train_set = CocoDetection(
+        *split_paths(cfg.data.root, cfg.data.train_split), masks=masks, hflip=cfg.data.hflip, seed=cfg.run.seed
+    )
     val_set = CocoDetection(*split_paths(cfg.data.root, cfg.data.val_split), masks=masks)
     return train_set, val_set
-
-
-def _subset(dataset: Any, limit: int | None) -> Any:
-    if limit is None or limit >= len(dataset):
-        return dataset
-    return torch.utils.data.Subset(dataset, range(limit))
 
 
 @torch.no_grad()
@@ -200,159 +185,280 @@ def evaluate(
     batch_size: int = 8,
     limit: int | None = None,
     device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
     """COCO box (and, for Mask R-CNN, mask) metrics of ``model`` on a :class:`~dsnet.detection.data.CocoDetection`.
 
     Keys ``bbox_AP`` … ``bbox_APl`` and ``segm_*``, fractions in [0, 1]. With ``limit`` only the first images
-    count (the ground truth is restricted to them too).
+    count (the ground truth is restricted to them too). Under torchrun each process runs ``batch_size`` images at a
+    time on its share of the images; every process returns the metrics of the whole set.
     """
     from dsnet.detection.data import collate
     from dsnet.detection.metrics import coco_evaluate, coco_from_dict, to_coco_results
+    from dsnet.engine.distributed import all_gather_objects, broadcast_object, rank_and_world
+    from dsnet.engine.evaluate import autocast_context
     from dsnet.engine.report import Progress
 
+    device = torch.device(device)
     masks = bool(getattr(model, "roi_heads", None) is not None and model.roi_heads.has_mask())
-    subset = _subset(dataset, limit)
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate)
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    rank, world = rank_and_world()
+    mine = torch.utils.data.Subset(dataset, range(rank, count, world))
+    loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, collate_fn=collate)
     was_training = model.training
     model.eval()
     results, image_ids = [], []
-    bar = Progress(len(subset), "eval", enabled=progress)
+    bar = Progress(count, "eval", enabled=progress and rank == 0)
     for images, targets in loader:
-        outputs = model([im.to(device) for im in images])
-        bar.update(len(images))
+        with autocast_context(device, amp_dtype):
+            outputs = model([im.to(device) for im in images])
+        outputs = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
+        bar.update(len(images) * world)
         ids = [int(t["image_id"]) for t in targets]
         image_ids.extend(ids)
         results.extend(to_coco_results(outputs, ids, dataset.label_to_category_id, masks=masks))
     bar.close()
     model.train(was_training)
-    gt = dataset.coco
-    if len(subset) < len(dataset):
-        keep = set(image_ids)
-        data = dataset.data
-        gt = coco_from_dict(
-            {
-                **data,
-                "images": [i for i in data["images"] if i["id"] in keep],
-                "annotations": [a for a in data["annotations"] if a["image_id"] in keep],
-            }
-        )
-    return coco_evaluate(gt, results, ("bbox", "segm") if masks else ("bbox",))
+    gathered = all_gather_objects((results, image_ids))
+    metrics: dict[str, float] | None = None
+    if rank == 0:
+        results = [r for part, _ in gathered for r in part]
+        gt = dataset.coco
+        if count < len(dataset):
+            keep = {i for _, ids in gathered for i in ids}
+            data = dataset.data
+            gt = coco_from_dict(
+                {
+                    **data,
+                    "images": [i for i in data["images"] if i["id"] in keep],
+                    "annotations": [a for a in data["annotations"] if a["image_id"] in keep],
+                }
+            )
+        metrics = coco_evaluate(gt, results, ("bbox", "segm") if masks else ("bbox",))
+    return broadcast_object(metrics)  # type: ignore[return-value]
 
 
-def _lr_factor(update: int, total: int, cfg: DetOptimConfig) -> float:
-    warm = min(1.0, (update + 1) / cfg.warmup_iters) if cfg.warmup_iters > 0 else 1.0
-    decay = 0.1 ** sum(update >= int(f * total) for f in cfg.decay_at)
-    return warm * decay
+def _build_scheduler(optimizer: torch.optim.Optimizer, total_updates: int, cfg: DetOptimConfig) -> Any:
+    from timm.scheduler import MultiStepLRScheduler
+
+    return MultiStepLRScheduler(
+        optimizer,
+        decay_t=[int(f * total_updates) for f in cfg.decay_at],
+        decay_rate=0.1,
+        warmup_t=cfg.warmup_iters,
+        warmup_lr_init=cfg.lr * cfg.warmup_ratio,
+        warmup_prefix=False,  # milestones count from the first update, warm-up included
+        t_in_epochs=False,
+    )
 
 
-def _run_dir(cfg: DetectionConfig) -> Path:
-    name = cfg.run.name or f"{cfg.model.arch}-{cfg.model.backbone}-{cfg.model.neck}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(cfg.run.output_dir) / name
+def train(cfg: DetectionConfig | None = None, *, resume: str | Path | None = None) -> dict[str, Any]:
+    """Train and evaluate the detector of ``cfg`` (or continue the run folder ``resume`` with its saved config).
 
-
-def train(cfg: DetectionConfig, *, resume: str | Path | None = None) -> dict[str, Any]:
-    """Train and evaluate the detector of ``cfg``; returns the last evaluation (plus ``run_dir``).
-
-    ``resume``: a run folder whose ``checkpoints/last`` continues (its own ``config.yaml`` is not re-read: pass
-    the same config).
+    Returns the last evaluation's metrics plus ``run_dir``; the run folder also gets ``summary.json``.
+    One process, or one of several started by ``torchrun`` (DDP).
     """
+    from dsnet.engine.distributed import cleanup, init_distributed
+
+    resume_dir = Path(resume) if resume is not None else None
+    if resume_dir is not None:
+        if not (resume_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"cannot resume: {resume_dir / 'config.yaml'} does not exist (not a run folder?)")
+        cfg = load_detection_config(resume_dir / "config.yaml")
+    if cfg is None:
+        raise ValueError("train() needs a config or a run folder to resume")
+    dist_info, device = init_distributed(cfg.run.device)
+    try:
+        return _train(cfg, dist_info, device, resume_dir)
+    finally:
+        cleanup()
+
+
+def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_dir: Path | None) -> dict[str, Any]:
+    import os
+
     from timm.optim import create_optimizer_v2
+    from torch.utils.data import DataLoader
 
+    from dsnet.data.datasets import ShardedEpochSampler
     from dsnet.detection.data import collate
-    from dsnet.engine.checkpoint import capture_rng, load_training_state, restore_rng, save_checkpoint
-    from dsnet.engine.distributed import resolve_device
+    from dsnet.engine import checkpoint as ckpt
+    from dsnet.engine.distributed import all_reduce_sum, barrier
+    from dsnet.engine.evaluate import autocast_context
     from dsnet.engine.report import MetricsLog, Progress
+    from dsnet.engine.trainer import atomic_json, auto_threads, make_run_dir, resolve_amp, update_seed
 
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    torch.manual_seed(cfg.run.seed)
-    device = resolve_device(cfg.run.device)
+    r, main, world = cfg.run, dist_info.is_main, dist_info.world_size
+    if r.threads or device.type == "cpu":
+        torch.set_num_threads(r.threads or auto_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    amp_dtype = resolve_amp(r.amp, device)
+    if cfg.data.batch_size % world:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {world} processes")
+    micro = cfg.data.batch_size // world
     train_set, val_set = _datasets(cfg)
+    n_train = len(train_set) if cfg.data.max_train_images is None else min(cfg.data.max_train_images, len(train_set))
+    sampler = ShardedEpochSampler(n_train, cfg.data.batch_size, rank=dist_info.rank, world_size=world, seed=r.seed)
+    total = cfg.optim.epochs * sampler.updates_per_epoch
+
+    torch.manual_seed(r.seed)
     model = build_model(cfg.model, train_set.num_classes).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    train_subset = _subset(train_set, cfg.data.max_train_images)
-    generator = torch.Generator().manual_seed(cfg.run.seed)
-    loader = torch.utils.data.DataLoader(
-        train_subset,
-        batch_size=cfg.data.batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        num_workers=cfg.data.workers,
-        generator=generator,
-        drop_last=len(train_subset) > cfg.data.batch_size,
-    )
-    total = cfg.optim.epochs * len(loader)
-    run_dir = Path(resume) if resume is not None else _run_dir(cfg)
-    ckpt_dir = run_dir / "checkpoints"
-    start_epoch, update, best = 0, 0, -math.inf
-    if resume is not None:
-        from dsnet.engine.checkpoint import load_weights
+    scheduler = _build_scheduler(optimizer, total, cfg.optim)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-        state, weights_path = load_training_state(ckpt_dir)
-        model.load_state_dict(load_weights(weights_path)[0])
+    start_epoch, start_in_epoch, update, best = 0, 0, 0, -math.inf
+    train_seconds = 0.0
+    if resume_dir is not None:
+        state, weights_path = ckpt.load_training_state(resume_dir / "checkpoints")
+        model.load_state_dict(ckpt.load_weights(weights_path)[0])
         optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state["rng"])
-        generator.set_state(state["generator"])
-        start_epoch, update, best = state["epoch"], state["update"], state["best"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    log.truncate_after(update)  # a resumed run rewrites what came after its last checkpoint
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        ckpt.restore_rng(state["rng"])
+        start_epoch, start_in_epoch, update = state["epoch"], state["update_in_epoch"], state["update"]
+        best, train_seconds = state["best"], state["train_seconds"]
+        scheduler.step_update(num_updates=update)
+        run_dir = resume_dir
+    else:
+        default_name = f"{cfg.model.arch}-{cfg.model.backbone}-{cfg.model.neck}"
+        run_dir = make_run_dir(r.output_dir, r.name or default_name, dist_info)
+    ckpt_dir = run_dir / "checkpoints"
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
+    if main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        log.truncate_after(update)  # a resumed run rewrites what came after its last checkpoint
+        n_params = sum(p.numel() for p in model.parameters())
+        print(
+            f"run folder: {run_dir}\n{cfg.model.arch} + {cfg.model.backbone} + {cfg.model.neck}: "
+            f"{n_params / 1e6:.2f}M params, {train_set.num_classes - 1} classes, {n_train} train / {len(val_set)} val "
+            f"images, {world} process(es) on {device} ({torch.get_num_threads()} thread(s) each), global batch "
+            f"{cfg.data.batch_size}, {sampler.updates_per_epoch} updates/epoch, amp {amp_dtype or 'off'}",
+            flush=True,
+        )
+    train_model: nn.Module = model
+    if dist_info.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     metadata = {"arch": cfg.model.arch, "backbone": cfg.model.backbone, "classes": train_set.categories}
+
+    def save(tag: str, epoch: int, update_in_epoch: int, with_state: bool) -> None:
+        if main:
+            state = None
+            if with_state:
+                state = {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": ckpt.capture_rng(),
+                    "epoch": epoch,
+                    "update_in_epoch": update_in_epoch,
+                    "update": update,
+                    "best": best,
+                    "train_seconds": train_seconds,
+                }
+            ckpt.save_checkpoint(
+                ckpt_dir, tag, model, training_state=state, metadata={**metadata, "epoch": epoch, "update": update}
+            )
+        barrier()
+
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.optim.epochs):
-        model.train()
-        progress = Progress(len(train_subset), f"epoch {epoch + 1}/{cfg.optim.epochs}", enabled=cfg.run.progress)
+        first = start_in_epoch if epoch == start_epoch else 0
+        sampler.set_epoch(epoch, first)
+        loader = DataLoader(
+            train_set,
+            batch_size=micro,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=cfg.data.workers,
+            pin_memory=device.type == "cuda",
+        )
+        bar = Progress(
+            (sampler.updates_per_epoch - first) * cfg.data.batch_size,
+            f"epoch {epoch + 1}/{cfg.optim.epochs}",
+            enabled=r.progress and main,
+        )
+        train_model.train()
+        update_in_epoch, tic = first, time.perf_counter()
         for images, targets in loader:
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.optim.lr * _lr_factor(update, total, cfg.optim)
-            images = [im.to(device) for im in images]
-            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-            losses = model(images, targets)
+            torch.manual_seed(update_seed(r.seed, update, dist_info.rank))  # the detectors' box samplers
+            images = [im.to(device, non_blocking=True) for im in images]
+            targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+            with autocast_context(device, amp_dtype):
+                losses = train_model(images, targets)
+            losses = {k: v.float() for k, v in losses.items()}
             loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at update {update} (try a lower optim.lr)")
+            finite = torch.isfinite(loss.detach()).to(torch.float64)
+            if float(all_reduce_sum(finite) / world) < 1:  # every rank stops together
+                raise FloatingPointError(
+                    f"training loss is {loss.item():.4g} at epoch {epoch + 1}, update {update} "
+                    f"(lr {optimizer.param_groups[0]['lr']:.3g}); lower optim.lr or keep optim.clip_grad set"
+                )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if cfg.optim.clip_grad:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             update += 1
-            progress.update(len(images), loss=loss.item())
-            if update % cfg.run.log_interval == 0:
-                values = {k: round(v.item(), 5) for k, v in losses.items()}
+            update_in_epoch += 1
+            scheduler.step_update(num_updates=update)
+            bar.update(cfg.data.batch_size, loss=loss.item())
+            if update % r.log_interval == 0:
+                names = sorted(losses)
+                values = all_reduce_sum(torch.stack([losses[k].detach().cpu().double() for k in names])) / world
+                record = {k: round(float(v), 5) for k, v in zip(names, values)}
                 log.write(
                     "step",
                     epoch=epoch + 1,
                     update=update,
                     lr=optimizer.param_groups[0]["lr"],
-                    loss=round(loss.item(), 5),
-                    **values,
+                    loss=round(float(values.sum()), 5),
+                    **record,
                 )
-        progress.close()
-        last_epoch = epoch + 1 == cfg.optim.epochs
-        if (epoch + 1) % cfg.run.eval_interval == 0 or last_epoch:
+            if r.ckpt_interval and update % r.ckpt_interval == 0 and update_in_epoch < sampler.updates_per_epoch:
+                train_seconds += time.perf_counter() - tic
+                save("last", epoch, update_in_epoch, with_state=True)
+                tic = time.perf_counter()
+        train_seconds += time.perf_counter() - tic
+        bar.close()
+        if (epoch + 1) % r.eval_interval == 0 or epoch + 1 == cfg.optim.epochs:
             metrics = evaluate(
-                model, val_set, batch_size=cfg.data.batch_size, limit=cfg.data.max_val_images, device=device
+                model,
+                val_set,
+                batch_size=micro,
+                limit=cfg.data.max_val_images,
+                device=device,
+                amp_dtype=amp_dtype,
+                progress=r.progress,
             )
             log.write("eval", epoch=epoch + 1, update=update, **metrics)
-            if cfg.run.progress:
+            if main and r.progress:
                 print(f"epoch {epoch + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()), flush=True)
-            if metrics.get("bbox_AP", -1) > best:
+            if metrics["bbox_AP"] > best:
                 best = metrics["bbox_AP"]
-                save_checkpoint(ckpt_dir, "best", model, metadata={**metadata, "epoch": epoch + 1})
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "rng": capture_rng(),
-            "generator": generator.get_state(),
-            "epoch": epoch + 1,
-            "update": update,
-            "best": best,
-        }
-        save_checkpoint(ckpt_dir, "last", model, training_state=state, metadata={**metadata, "epoch": epoch + 1})
-    return {**metrics, "run_dir": str(run_dir)}
+                save("best", epoch + 1, 0, with_state=False)
+        save("last", epoch + 1, 0, with_state=True)
+    summary = {
+        **metrics,
+        "best_bbox_AP": best if math.isfinite(best) else None,
+        "epochs": cfg.optim.epochs,
+        "updates": update,
+        "global_batch": cfg.data.batch_size,
+        "processes": world,
+        "device": str(device),
+        "amp": str(amp_dtype) if amp_dtype else "off",
+        "train_seconds": train_seconds,
+        "run_dir": str(run_dir),
+    }
+    if main:
+        atomic_json(run_dir / "summary.json", summary)
+    barrier()
+    return summary
 
 
 def load_model(run_dir: str | Path, tag: str = "best") -> tuple[nn.Module, DetectionConfig, list[str]]:
