@@ -19,6 +19,8 @@ import json
 import os
 from pathlib import Path
 
+from dsnet.cli._run_config import add_config_arguments, config_from_args, print_config
+
 
 def _make_data(args: argparse.Namespace) -> int:
     from dsnet.detection.data import make_fashion_detection
@@ -34,21 +36,11 @@ def _make_data(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from dsnet.detection.engine import load_detection_config, train
 
-    if args.resume:
-        if args.config or args.set or args.data_dir:
-            raise ValueError("--resume continues a run with its saved config; do not combine it with --config/--set")
-        print(json.dumps(train(resume=args.resume), indent=2))
+    cfg = config_from_args(args, load_detection_config)
+    if cfg is not None and args.print_config:
+        print_config(cfg)
         return 0
-    overrides = list(args.set or [])
-    if args.data_dir:
-        overrides.append(f"data.root={args.data_dir}")
-    cfg = load_detection_config(args.config, overrides)
-    if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-        return 0
-    result = train(cfg)
+    result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, indent=2))
     return 0
@@ -113,20 +105,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.set_defaults(func=_make_data)
 
     t = sub.add_parser("train", help="train a detector (YAML config + overrides)")
-    t.add_argument("--config", "-c", default=None, help="YAML recipe (sections model, data, optim, run)")
-    t.add_argument(
-        "--set",
-        "-s",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override, e.g. optim.lr=1e-3 (repeatable)",
+    add_config_arguments(
+        t, example_recipe="configs/detection/retinanet_dsnet_tiny_fashion.yaml", example_set="optim.lr=1e-3"
     )
-    t.add_argument("--data-dir", help="dataset root (same as --set data.root=DIR)")
-    t.add_argument(
-        "--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly from its last checkpoint"
-    )
-    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="COCO metrics of a trained run")
