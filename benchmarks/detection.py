@@ -66,7 +66,7 @@ def run_budget(
     from dsnet.engine.report import MetricsLog
 
     n_train, n_val, size, epochs, batch = BUDGETS[budget]
-    data_root = data_root / f"{budget}_{size}px"
+    data_root = data_root / f"{n_train}-{n_val}-{size}px"  # named by its content: a budget never reuses another's set
     if not split_paths(data_root, "val")[1].is_file():
         make_fashion_detection(data_root, train=n_train, val=n_val, size=size)
     config = Path(__file__).resolve().parents[1] / "configs" / "detection" / "retinanet_dsnet_tiny_fashion.yaml"
