@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -120,6 +121,20 @@ def test_retinanet_and_maskrcnn_forward():
     assert "loss_mask" in model(images, targets)
     out = model.eval()(images)
     assert len(out) == 2 and {"boxes", "labels", "scores", "masks"} <= set(out[0])
+
+
+@pytest.mark.parametrize("backbone", ["dsnet_tiny_concat", "transxnet_t", "mixformer_b0"])
+def test_every_family_backs_a_detector(backbone):
+    """The whole zoo, not only DS-Net, trains under DS-FPN: losses are finite and reach the deepest stage."""
+    model = retinanet(backbone, num_classes=3, min_size=64, max_size=64, trainable_stages=4, norm="train")
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 48)]
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([1])}] * 2
+    losses = model(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    body = dict(model.backbone.body.named_parameters())
+    deepest = [p for n, p in body.items() if re.search(r"(^|\.)stages[._]3\.", n)]  # timm wraps: model.stages.3
+    assert deepest and all(p.grad is not None and p.grad.abs().sum() > 0 for p in deepest if p.dim() > 1)
 
 
 # ---------------------------------------------------------------------------------------------------- data

@@ -14,7 +14,8 @@ text, pinned down by the parameter counts the paper reports.
 * ``"lateral_extra"`` (default, the paper's choice): ``"lateral"`` plus a DS-Block on the extra levels: one block
   refines P6 (RetinaNet) or the max-pooled level (Mask R-CNN); P7 is computed from the refined P6.
 
-DS-Blocks in the neck: ``num_heads = dim // 64`` (head dim 32 on the global half, as in the backbone), MLP ratio 4,
+DS-Blocks in the neck: ``num_heads = dim // 64`` (head dim 32 on the global half, as in the backbone; fewer when
+that does not divide the streams' widths, see :func:`default_num_heads`), MLP ratio 4,
 half the channels in the global stream. The global stream of a level with stride ``r`` is resized to the image's
 stride-32 grid (downsampling ``max(1, 32 // r)``: 4 on P3, 2 on P4, 1 on P5 and the extra levels), which is what the
 backbone does at 224 px (a 7×7 global grid in stages 1–3) and what the paper's §3.3 describes (``W/32 × H/32``).
@@ -64,7 +65,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
-__all__ = ["DSFPN", "DS_POSITIONS", "DSLastLevelMaxPool", "DSLastLevelP6P7", "DSPosition", "ds_block"]
+__all__ = [
+    "DSFPN",
+    "DS_POSITIONS",
+    "DSLastLevelMaxPool",
+    "DSLastLevelP6P7",
+    "DSPosition",
+    "default_num_heads",
+    "ds_block",
+]
 
 DSPosition = Literal["last", "lateral", "lateral_rev", "lateral_extra"]
 #: Valid values of ``DSFPN(position=...)``; ``None`` means a plain FPN.
@@ -75,17 +84,30 @@ ExtraLevels = Literal["p6p7", "maxpool"]
 GLOBAL_GRID_STRIDE = 32
 
 
+def default_num_heads(dim: int, global_ratio: float = 0.5) -> int:
+    """Attention heads of a neck DS-Block of width ``dim``: ``dim // 64`` (head dim 32 on the global half, as the
+    backbone), lowered until it divides both streams' widths — e.g. 2 for TransXNet-T's 224-channel C4, where 3
+    would not divide the 112 global channels."""
+    global_dim = round(global_ratio * dim)
+    heads = max(1, dim // 64)
+    while heads > 1 and (global_dim % heads or (dim - global_dim) % heads):
+        heads -= 1
+    return heads
+
+
 def ds_block(dim: int, stride: int, **kwargs: Any) -> nn.Module:
     """A DS-Block for a pyramid level of ``dim`` channels and ``stride`` (image pixels per feature pixel).
 
-    ``num_heads`` defaults to ``dim // 64`` (head dim 32 on the global half), the global stream is downsampled
-    onto the stride-32 grid of the image (``global_stride = max(1, 32 // stride)``, see the module docstring) and
-    attention dropout is off (the backbone's 0.1 is a quirk of the reference classification training). Other
-    ``kwargs`` go to :class:`dsnet.models.dsnet.DSBlock` (``alignment``, ``global_ratio``, ``drop_path``, ...).
+    ``num_heads`` defaults to :func:`default_num_heads` (head dim 32 on the global half), the global stream is
+    downsampled onto the stride-32 grid of the image (``global_stride = max(1, 32 // stride)``, see the module
+    docstring) and attention dropout is off (the backbone's 0.1 is a quirk of the reference classification
+    training). Other ``kwargs`` go to :class:`dsnet.models.dsnet.DSBlock` (``alignment``, ``global_ratio``,
+    ``drop_path``, ...).
     """
     from dsnet.models.dsnet import DSBlock
 
-    kwargs.setdefault("num_heads", max(1, dim // 64))
+    if "num_heads" not in kwargs:
+        kwargs["num_heads"] = default_num_heads(dim, kwargs.get("global_ratio", 0.5))
     kwargs.setdefault("mlp_ratio", 4.0)
     kwargs.setdefault("global_stride", max(1, GLOBAL_GRID_STRIDE // stride))
     kwargs.setdefault("attn_drop", 0.0)
