@@ -313,10 +313,7 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
     if resume_dir is not None:
         state, weights_path = ckpt.load_training_state(resume_dir / "checkpoints")
         model.load_state_dict(ckpt.load_weights(weights_path)[0])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        ckpt.restore_rng(state["rng"])
+        state = ckpt.restore_training_state(state, optimizer, scheduler, scaler)
         start_epoch, start_in_epoch, update = state["epoch"], state["update_in_epoch"], state["update"]
         best, train_seconds = state["best"], state["train_seconds"]
         scheduler.step_update(num_updates=update)
@@ -348,17 +345,16 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
         if main:
             state = None
             if with_state:
-                state = {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": ckpt.capture_rng(),
-                    "epoch": epoch,
-                    "update_in_epoch": update_in_epoch,
-                    "update": update,
-                    "best": best,
-                    "train_seconds": train_seconds,
-                }
+                state = ckpt.capture_training_state(
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    epoch=epoch,
+                    update_in_epoch=update_in_epoch,
+                    update=update,
+                    best=best,
+                    train_seconds=train_seconds,
+                )
             ckpt.save_checkpoint(
                 ckpt_dir, tag, model, training_state=state, metadata={**metadata, "epoch": epoch, "update": update}
             )

@@ -31,10 +31,12 @@ from torch import nn
 __all__ = [
     "atomic_write",
     "capture_rng",
+    "capture_training_state",
     "load_training_state",
     "load_weights",
     "resolve_checkpoint",
     "restore_rng",
+    "restore_training_state",
     "save_checkpoint",
 ]
 
@@ -80,6 +82,32 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def capture_training_state(
+    optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler, **progress: Any
+) -> dict[str, Any]:
+    """What an exact resume needs besides the weights: optimizer, schedule (a timm scheduler), grad scaler and RNG
+    states, plus the loop's own ``progress`` counters (epoch, update, best score, ...)."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": capture_rng(),
+        **progress,
+    }
+
+
+def restore_training_state(
+    state: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler
+) -> dict[str, Any]:
+    """Inverse of :func:`capture_training_state`: load the states into the objects; returns the progress counters
+    (and any other entry, e.g. ``ema``)."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"])
+    return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "scaler", "rng")}
 
 
 def save_checkpoint(

@@ -323,12 +323,9 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
         state, weights_path = ckpt.load_training_state(run_dir / "checkpoints", "last")
         weights, _ = ckpt.load_weights(weights_path)
         model.load_state_dict(weights)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        state = ckpt.restore_training_state(state, optimizer, scheduler, scaler)
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
-        ckpt.restore_rng(state["rng"])
         start_epoch, start_update_in_epoch, update = state["epoch"], state["update_in_epoch"], state["update"]
         best, elapsed_train, samples_seen = state["best"], state["elapsed_train"], state["samples_seen"]
         bad_files.seen = list(state["bad_files"])
@@ -362,19 +359,18 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def training_state(epoch: int, update_in_epoch: int) -> dict[str, Any]:
-        return {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": ckpt.capture_rng(),
-            "epoch": epoch,
-            "update_in_epoch": update_in_epoch,
-            "update": update,
-            "best": best,
-            "elapsed_train": elapsed_train,
-            "samples_seen": samples_seen,
-            "bad_files": list(bad_files.seen),
-        }
+        return ckpt.capture_training_state(
+            optimizer,
+            scheduler,
+            scaler,
+            epoch=epoch,
+            update_in_epoch=update_in_epoch,
+            update=update,
+            best=best,
+            elapsed_train=elapsed_train,
+            samples_seen=samples_seen,
+            bad_files=list(bad_files.seen),
+        )
 
     meta = {
         "model": cfg.model.name,
