@@ -119,6 +119,8 @@ def resize_to_global_grid(x: torch.Tensor, stride: int, grid_size: GridSize | No
     """Bilinearly resize ``x`` (B, C, H, W) to the global token grid of its stage.
 
     The grid is ``grid_size`` when given, else ``(H // stride, W // stride)``; each side is at least 1.
+    A side of 1 samples the centre (PyTorch's half-pixel rule); PaddleClas' resize takes the first row/column
+    there instead, so the two differ for inputs whose grid has a 1-token side (below 128 px), never at 224 px.
     """
     if grid_size is None:  # torch.sym_max keeps the size symbolic under torch.export (dynamic ONNX shapes)
         grid_size = (torch.sym_max(1, x.shape[-2] // stride), torch.sym_max(1, x.shape[-1] // stride))
