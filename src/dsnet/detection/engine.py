@@ -259,15 +259,10 @@ def train(cfg: DetectionConfig | None = None, *, resume: str | Path | None = Non
     Returns the last evaluation's metrics plus ``run_dir``; the run folder also gets ``summary.json``.
     One process, or one of several started by ``torchrun`` (DDP).
     """
+    from dsnet.engine.checkpoint import resolve_run
     from dsnet.engine.distributed import cleanup, init_distributed
 
-    resume_dir = Path(resume) if resume is not None else None
-    if resume_dir is not None:
-        if not (resume_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"cannot resume: {resume_dir / 'config.yaml'} does not exist (not a run folder?)")
-        cfg = load_detection_config(resume_dir / "config.yaml")
-    if cfg is None:
-        raise ValueError("train() needs a config or a run folder to resume")
+    cfg, resume_dir = resolve_run(cfg, resume, load_detection_config)
     dist_info, device = init_distributed(cfg.run.device)
     try:
         return _train(cfg, dist_info, device, resume_dir)

@@ -20,7 +20,7 @@ import random
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ __all__ = [
     "load_training_state",
     "load_weights",
     "resolve_checkpoint",
+    "resolve_run",
     "restore_rng",
     "restore_training_state",
     "save_checkpoint",
@@ -82,6 +83,24 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+def resolve_run(
+    cfg: ConfigT | None, resume: str | Path | None, load: Callable[[Path], ConfigT]
+) -> tuple[ConfigT, Path | None]:
+    """``(config, run folder to resume or None)`` for a training entry point: ``cfg`` for a new run, else the
+    config saved in the ``resume`` folder (read with ``load``)."""
+    resume_dir = Path(resume) if resume is not None else None
+    if resume_dir is not None:
+        if not (resume_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"cannot resume: {resume_dir / 'config.yaml'} does not exist (not a run folder?)")
+        cfg = load(resume_dir / "config.yaml")
+    if cfg is None:
+        raise ValueError("train() needs a config or a run folder to resume")
+    return cfg, resume_dir
 
 
 def capture_training_state(

@@ -119,7 +119,7 @@ class TrainConfig:
     amp: str = "auto"  # "auto" (bf16 on cuda with bf16 support, else off), "none", "bf16", "fp16" (cuda)
     channels_last: bool = False  # NHWC memory format
     compile: bool = False  # torch.compile the model
-    threads: int | None = None  # torch CPU threads per rank; None: the cores not busy (load average), see auto_threads
+    threads: int | None = None  # torch CPU threads per rank; None: the cores not busy now, see auto_threads
     ema: float = 0.0  # model EMA decay (timm ModelEmaV3); 0 disables EMA
     eval_ema: bool = True  # when EMA is on, also evaluate the EMA weights and pick "best" on the better
     output_dir: str = "runs"  # parent folder of run folders
