@@ -208,7 +208,7 @@ def evaluate(
     loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, collate_fn=collate)
     was_training = model.training
     model.eval()
-    results, image_ids = [], []
+    results = []
     bar = Progress(count, "eval", enabled=progress and rank == 0)
     for images, targets in loader:
         with autocast_context(device, amp_dtype):
@@ -216,17 +216,16 @@ def evaluate(
         outputs = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
         bar.update(len(images) * world)
         ids = [int(t["image_id"]) for t in targets]
-        image_ids.extend(ids)
         results.extend(to_coco_results(outputs, ids, dataset.label_to_category_id, masks=masks))
     bar.close()
     model.train(was_training)
-    gathered = all_gather_objects((results, image_ids))
+    gathered = all_gather_objects(results)
     metrics: dict[str, float] | None = None
     if rank == 0:
-        results = [r for part, _ in gathered for r in part]
+        results = [r for part in gathered for r in part]
         gt = dataset.coco
         if count < len(dataset):
-            keep = {i for _, ids in gathered for i in ids}
+            keep = {info["id"] for info in dataset.images[:count]}
             data = dataset.data
             gt = coco_from_dict(
                 {
@@ -271,8 +270,6 @@ def train(cfg: DetectionConfig | None = None, *, resume: str | Path | None = Non
 
 
 def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_dir: Path | None) -> dict[str, Any]:
-    import os
-
     from timm.optim import create_optimizer_v2
     from torch.utils.data import DataLoader
 
@@ -282,11 +279,10 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
     from dsnet.engine.distributed import all_reduce_sum, barrier
     from dsnet.engine.evaluate import autocast_context
     from dsnet.engine.report import MetricsLog, Progress
-    from dsnet.engine.trainer import atomic_json, auto_threads, make_run_dir, resolve_amp, update_seed
+    from dsnet.engine.trainer import atomic_json, make_run_dir, resolve_amp, set_threads, update_seed
 
     r, main, world = cfg.run, dist_info.is_main, dist_info.world_size
-    if r.threads or device.type == "cpu":
-        torch.set_num_threads(r.threads or auto_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    set_threads(r.threads, device)
     amp_dtype = resolve_amp(r.amp, device)
     if cfg.data.batch_size % world:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {world} processes")
@@ -311,7 +307,6 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
         state = ckpt.restore_training_state(state, optimizer, scheduler, scaler)
         start_epoch, start_in_epoch, update = state["epoch"], state["update_in_epoch"], state["update"]
         best, train_seconds = state["best"], state["train_seconds"]
-        scheduler.step_update(num_updates=update)
         run_dir = resume_dir
     else:
         default_name = f"{cfg.model.arch}-{cfg.model.backbone}-{cfg.model.neck}"

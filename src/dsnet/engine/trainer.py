@@ -52,6 +52,7 @@ __all__ = [
     "check_model_name",
     "make_run_dir",
     "resolve_amp",
+    "set_threads",
     "train",
     "update_seed",
 ]
@@ -120,6 +121,13 @@ def auto_threads(local_processes: int = 1) -> int:
     cores = torch.get_num_threads()
     free = max(1, min(cores, round((os.cpu_count() or cores) - busy_cores())))
     return max(1, free // max(local_processes, 1))
+
+
+def set_threads(requested: int | None, device: torch.device) -> None:
+    """torch CPU threads of a training process: ``requested``, or on CPU :func:`auto_threads` shared by the ranks
+    torchrun started on this machine (``LOCAL_WORLD_SIZE``); GPU runs keep torch's default unless asked."""
+    if requested or device.type == "cpu":
+        torch.set_num_threads(requested or auto_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def check_model_name(name: str) -> None:
@@ -241,8 +249,7 @@ def train(
 def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir: Path | None, log) -> Path:
     t, d = cfg.train, cfg.data
     main = dist_info.is_main
-    if t.threads or device.type == "cpu":
-        torch.set_num_threads(t.threads or auto_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    set_threads(t.threads, device)
     amp_dtype = resolve_amp(t.amp, device)
     world = dist_info.world_size
     if t.batch_size % (world * t.accum_steps):
