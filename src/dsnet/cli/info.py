@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict, dataclass
+from typing import Any
+
+import yaml
 
 
 @dataclass
@@ -20,8 +23,11 @@ class ModelInfo:
     source: str
 
 
-def collect(pattern: str = "*", image_size: int = 224) -> list[ModelInfo]:
-    """Measure every zoo model matching ``pattern`` (parameters, MACs at ``image_size``²) beside its paper figures."""
+def collect(pattern: str = "*", image_size: int = 224, model_kwargs: dict[str, Any] | None = None) -> list[ModelInfo]:
+    """Measure every zoo model matching ``pattern`` (parameters, MACs at ``image_size``²) beside its paper figures.
+
+    ``model_kwargs`` go to ``timm.create_model`` (e.g. ``{"global_strides": (2, 2, 1, 1)}``).
+    """
     import timm
 
     from dsnet.bench.complexity import count_macs, count_params
@@ -34,7 +40,7 @@ def collect(pattern: str = "*", image_size: int = 224) -> list[ModelInfo]:
         raise ValueError(f"no model of the zoo matches {pattern!r}")
     for name in names:
         # on the meta device: shapes only, no memory, no arithmetic — the counts are exact and take a second
-        model = timm.create_model(name, device="meta")
+        model = timm.create_model(name, device="meta", **(model_kwargs or {}))
         paper = PAPER_FIGURES.get(name)
         rows.append(
             ModelInfo(
@@ -67,19 +73,72 @@ def format_table(rows: list[ModelInfo], image_size: int = 224) -> str:
     return "\n".join(lines)
 
 
+def stream_table(pattern: str, image_size: int, model_kwargs: dict[str, Any] | None = None) -> str:
+    """Per stage of every DS-Net matching ``pattern``: the local map and the global token grid at ``image_size``²."""
+    import timm
+
+    from dsnet.models._zoo import list_zoo
+    from dsnet.models.dsnet import DSNet
+
+    lines = []
+    for name in list_zoo(pattern):
+        model = timm.create_model(name, device="meta", **(model_kwargs or {}))
+        if not isinstance(model, DSNet):
+            continue
+        cells = []
+        for shape in model.stream_shapes(image_size):
+            grid = "—" if shape.global_grid is None else "×".join(map(str, shape.global_grid))
+            cells.append(f"stage {shape.stage}: local {'×'.join(map(str, shape.local_map))} / global {grid}")
+        lines.append(f"{name:<22} " + ", ".join(cells))
+    if not lines:
+        return ""
+    return f"DS-Net streams at {image_size}×{image_size} (local map / global token grid):\n" + "\n".join(lines)
+
+
+def _model_kwargs(items: list[str]) -> dict[str, Any]:
+    kwargs = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r} is not of the form key=value (e.g. global_strides=[2,2,1,1])")
+        key, raw = item.split("=", 1)
+        kwargs[key.strip()] = yaml.safe_load(raw)
+    return kwargs
+
+
 def run(args: argparse.Namespace) -> int:
-    rows = collect(args.models, args.image_size)
+    kwargs = _model_kwargs(args.set)
+    try:
+        rows = collect(args.models, args.image_size, kwargs)
+    except TypeError as err:  # an unknown model argument in --set
+        raise ValueError(f"--set: {err}") from err
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=2))
-    else:
-        print(format_table(rows, args.image_size))
-        print('\nMACs = multiply-accumulates of one forward pass (the papers\' "FLOPs"), attention included.')
+        return 0
+    print(format_table(rows, args.image_size))
+    print('\nMACs = multiply-accumulates of one forward pass (the papers\' "FLOPs"), attention included.')
+    streams = stream_table(args.models, args.image_size, kwargs)
+    if streams:
+        print("\n" + streams)
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("info", help="parameters and MACs of every model beside the papers' figures")
     p.add_argument("--models", default="*", help="shell pattern of model names (default: all)")
-    p.add_argument("--image-size", type=int, default=224, help="square input size for the MAC count (default 224)")
+    p.add_argument(
+        "--input-size",
+        "--image-size",
+        dest="image_size",
+        type=int,
+        default=224,
+        help="square input size for the MAC count and the streams' sizes (default 224)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model argument with a YAML value, e.g. --set global_strides=[2,2,1,1] (repeatable)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)

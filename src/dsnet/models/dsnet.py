@@ -16,6 +16,14 @@ therefore load without any change of structure.
 Global token grid: the global stream of stage ``i`` is bilinearly resized to ``(H_i // s_i, W_i // s_i)`` with
 ``s = (8, 4, 2, 2)`` (7×7, 7×7, 7×7, 3×3 at 224×224 input) and clamped to at least 1×1, so any input of at least
 32×32 pixels works, square or not, divisible by 32 or not. ``global_grid_sizes`` fixes the grids instead.
+
+Small inputs: with the reference strides every grid has a side of one token below 128 px (at 32 px all four are
+1×1: the self-attention then attends over one token and the co-attention has one key). The rule for inputs of
+32–127 px is :data:`SMALL_INPUT_GLOBAL_STRIDES` ``= (2, 2, 1, 1)``: the global grid is half the local map in stages 1
+and 2 and equal to it in stages 3 and 4, which keeps the paper's dual resolution in stage 1 (at 32 px: local 8×8 and
+global 4×4, then 4×4/2×2, 2×2/2×2, 1×1/1×1). Only the token grid changes, not a single parameter, so the model is the
+same DS-Net (and loads the same weights). :meth:`DSNet.stream_shapes` lists the local map and global grid of every
+stage for an input size (``dsnet info --models dsnet_tiny --input-size 32 --set global_strides=[2,2,1,1]``).
 The model traces with torch.fx and exports to ONNX with dynamic batch/height/width; export with an example input
 whose every global grid side is at least 2 (e.g. 224×224, batch 2), since torch.export specialises sizes of 1.
 
@@ -63,7 +71,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx
@@ -89,12 +97,32 @@ from torch import nn
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
 from dsnet.models._stages import StagedBackboneMixin
 
-__all__ = ["DSBlock", "DSNet", "DSStage", "InterScaleAlignment", "checkpoint_filter_fn"]
+__all__ = [
+    "SMALL_INPUT_GLOBAL_STRIDES",
+    "DSBlock",
+    "DSNet",
+    "DSStage",
+    "InterScaleAlignment",
+    "StreamShape",
+    "checkpoint_filter_fn",
+    "global_grid_shape",
+]
 
 #: Smallest input side: four downsamplings (4, 2, 2, 2) must leave at least one pixel.
 MIN_INPUT_SIZE = 32
 
+#: ``global_strides`` for inputs of 32–127 px (see the module docstring): both streams stay at work.
+SMALL_INPUT_GLOBAL_STRIDES = (2, 2, 1, 1)
+
 GridSize = tuple[int, int]
+
+
+def global_grid_shape(height: int, width: int, stride: int, grid_size: GridSize | None = None) -> GridSize:
+    """The global token grid of a stage whose local map is ``height × width``: ``grid_size`` when fixed, else
+    ``(height // stride, width // stride)`` with each side at least 1 (what :func:`resize_to_global_grid` does)."""
+    if grid_size is not None:
+        return grid_size
+    return max(1, height // stride), max(1, width // stride)
 
 
 # --- shape arithmetic kept out of torch.fx graphs ---------------------------------------------------------------
@@ -420,6 +448,14 @@ def _grid_sizes(global_grid_sizes: Sequence[int | Sequence[int]] | None, num_sta
     return sizes
 
 
+class StreamShape(NamedTuple):
+    """The sizes of the two streams in one stage (see :meth:`DSNet.stream_shapes`)."""
+
+    stage: int  # 1-based, as in the paper
+    local_map: GridSize  # (H, W) of the local stream: the stage's resolution
+    global_grid: GridSize | None  # (h, w) of the global tokens; None when the stage has no global stream
+
+
 class DSNet(StagedBackboneMixin, nn.Module):
     """Dual-stream Network (DS-Net).
 
@@ -548,6 +584,19 @@ class DSNet(StagedBackboneMixin, nn.Module):
 
     # no_weight_decay: nothing beyond timm's 1-D exemptions (mixin default). DS-Net has no position-embedding
     # tokens; its ``pos_embed`` is a depth-wise convolution that was trained with weight decay.
+
+    def stream_shapes(self, height: int, width: int | None = None) -> list[StreamShape]:
+        """Per stage, the local map and the global token grid for a ``height × width`` input (width defaults to
+        height), read from the stages' patch embeddings and blocks."""
+        width = height if width is None else width
+        shapes = []
+        for index, stage in enumerate(self.stages):
+            stride = stage.downsample.stride[0]
+            height, width = height // stride, width // stride
+            block = stage.blocks[0]
+            grid = global_grid_shape(height, width, block.global_stride, block.global_grid_size)
+            shapes.append(StreamShape(index + 1, (height, width), grid if block.global_dim else None))
+        return shapes
 
     def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """No stem module: stage 0's patch embedding is the stem; only the input size is checked here."""
