@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
 from dsnet.data.datasets import (
@@ -13,12 +14,16 @@ from dsnet.data.datasets import (
     ClassificationDataset,
     FashionMNISTDataset,
     ImageFolderDataset,
+    ShardedEpochSampler,
 )
+from dsnet.data.tensor_batches import BatchRandomResizedCrop, TensorBatches
 
-__all__ = ["DATASETS", "build_dataset", "build_transform", "normalization"]
+__all__ = ["DATASETS", "PIPELINES", "build_dataset", "build_tensor_batches", "build_transform", "normalization"]
 
 #: Values accepted by ``data.dataset``.
 DATASETS = ("imagefolder", "fashion_mnist")
+#: Values accepted by ``data.pipeline``.
+PIPELINES = ("pil", "tensor")
 
 
 def normalization(data: Any, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -104,3 +109,40 @@ def _truncate(dataset: ClassificationDataset, limit: int) -> None:
     elif isinstance(dataset, FashionMNISTDataset):
         dataset.images = dataset.images[:limit]
         dataset.targets = dataset.targets[:limit]
+
+
+def build_tensor_batches(
+    data: Any, dataset: ClassificationDataset, sampler: ShardedEpochSampler, micro_batch: int, in_chans: int, seed: int
+) -> TensorBatches:
+    """The ``data.pipeline=tensor`` training batches of ``dataset``: in memory, augmented per batch on tensors.
+
+    Raises:
+        ValueError: the dataset is not held in memory, or the config asks for an augmentation only the per-image
+            pipeline has (the message names the key).
+    """
+    if not isinstance(dataset, FashionMNISTDataset):
+        raise ValueError(
+            f"data.pipeline=tensor needs a dataset held in memory (data.dataset=fashion_mnist); "
+            f"data.dataset={data.dataset} reads image files: use data.pipeline=pil"
+        )
+    unsupported = {
+        "data.aa": data.aa,
+        "data.color_jitter": data.color_jitter,
+        "data.reprob": data.reprob,
+    }
+    used = [f"{k}={v}" for k, v in unsupported.items() if v]
+    if used:
+        raise ValueError(
+            f"data.pipeline=tensor does RandomResizedCrop and flips only; {', '.join(used)} needs data.pipeline=pil"
+        )
+    if data.interpolation != "bilinear":
+        raise ValueError(
+            f"data.pipeline=tensor resizes bilinearly; set data.interpolation=bilinear, got {data.interpolation!r}"
+        )
+    images = torch.from_numpy(dataset.images).unsqueeze(1)  # (N, 1, H, W) uint8
+    if in_chans != 1:
+        images = images.expand(-1, in_chans, -1, -1)
+    targets = torch.as_tensor(dataset.targets, dtype=torch.int64)
+    mean, std = normalization(data, in_chans)
+    augment = BatchRandomResizedCrop(data.input_size, tuple(data.scale), tuple(data.ratio), data.hflip)
+    return TensorBatches(images, targets, sampler, micro_batch, augment, mean, std, seed)

@@ -78,7 +78,11 @@ class DataConfig:
     mixup_prob: float = 1.0  # probability of mixing a batch at all
     mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
     label_smoothing: float = 0.1  # label smoothing (folded into the mixed targets when mixing)
-    workers: int = 4  # DataLoader worker processes per rank
+    workers: int = 4  # DataLoader worker processes per rank (data.pipeline=pil)
+    # "pil": per-image timm transforms in DataLoader workers (any dataset, every augmentation); "tensor": the whole
+    # training set in memory as uint8, RandomResizedCrop + flip per batch on tensors (fashion_mnist only;
+    # no aa, color_jitter or reprob)
+    pipeline: str = "pil"
     max_train_samples: int | None = None  # use only the first N training samples (quick runs, tests)
     max_val_samples: int | None = None  # use only the first N validation samples
 

@@ -36,7 +36,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dsnet.data.build import build_dataset, build_transform, normalization
+from dsnet.data.build import PIPELINES, build_dataset, build_tensor_batches, build_transform, normalization
 from dsnet.data.datasets import ShardedEpochSampler, TransformedDataset, collate_with_bad_files
 from dsnet.engine import checkpoint as ckpt
 from dsnet.engine.config import RunConfig, load_config
@@ -262,6 +262,8 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
         raise ValueError(f"mixup/cutmix need an even per-process micro-batch, got {micro}; change train.batch_size")
 
     check_model_name(cfg.model.name)  # fail before reading the data
+    if d.pipeline not in PIPELINES:
+        raise ValueError(f"unknown data.pipeline {d.pipeline!r}; expected one of {', '.join(PIPELINES)}")
     # data
     train_set = build_dataset(d, "train", cfg.model.in_chans)
     val_set = build_dataset(d, "val", cfg.model.in_chans, classes=train_set.classes)
@@ -441,7 +443,10 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
     for epoch in range(start_epoch, s.epochs):
         first = start_update_in_epoch if epoch == start_epoch else 0
         sampler.set_epoch(epoch, first)
-        loader = _make_loader(train_data, sampler, micro, d.workers, device)
+        if d.pipeline == "tensor":
+            loader = build_tensor_batches(d, train_set, sampler, micro, cfg.model.in_chans, t.seed)
+        else:
+            loader = _make_loader(train_data, sampler, micro, d.workers, device)
         bar = Progress((updates_per_epoch - first) * t.batch_size, f"epoch {epoch + 1}/{s.epochs}", enabled=main)
         train_model.train()
         tic = time.perf_counter()
