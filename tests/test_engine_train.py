@@ -179,3 +179,17 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
         runs.append(load_file(train(cfg, log=lambda s: None) / "checkpoints" / "last.safetensors"))
     diff = max((runs[0][k] - runs[1][k]).abs().max().item() for k in runs[0])
     assert diff <= 1e-4, diff  # float32 summation order only (see test_engine_distributed for the tolerance)
+
+
+def test_schedule_in_updates_ends_mid_epoch(tmp_path):
+    """sched.updates=6 with 4 updates per epoch: one epoch and a half, the cosine reaching min_lr at update 6."""
+    root = make_imagefolder(tmp_path / "data")
+    extra = {"sched.updates": 6, "sched.epochs": 99, "sched.min_lr": 1e-4, "optim.lr": 0.01}
+    run_dir = train(load_config(None, fast_overrides(root, tmp_path / "runs", **extra)), log=lambda s: None)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["update"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert steps[-1]["lr"] == pytest.approx(1e-4, rel=1e-6) and steps[0]["lr"] > 5e-3
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["updates"] == 6 and summary["epochs"] == 1.5

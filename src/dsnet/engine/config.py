@@ -107,6 +107,7 @@ class SchedConfig:
 
     sched: str = "cosine"  # schedule name understood by timm
     epochs: int = 300  # training epochs
+    updates: int | None = None  # total optimizer updates instead (schedule length; the last epoch may be partial)
     warmup_epochs: float = 5  # linear warm-up length from warmup_lr (may be fractional)
     warmup_lr: float = 1e-6  # learning rate at the first update
     min_lr: float = 1e-5  # final learning rate of the cosine

@@ -274,6 +274,8 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
     val_data = TransformedDataset(val_set, build_transform(d, cfg.model.in_chans, False), t.seed, replace_bad=False)
     sampler = ShardedEpochSampler(len(train_data), t.batch_size, rank=dist_info.rank, world_size=world, seed=t.seed)
     updates_per_epoch = sampler.updates_per_epoch
+    total_updates = cfg.sched.updates or cfg.sched.epochs * updates_per_epoch
+    num_epochs = math.ceil(total_updates / updates_per_epoch)
     val_batch = max(micro, 64)
     val_sampler = ShardedEpochSampler(
         len(val_data), val_batch * world, rank=dist_info.rank, world_size=world, shuffle=False
@@ -308,15 +310,17 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
         **opt_kwargs,
     )
     s = cfg.sched
+    # lengths in optimizer updates (updates_per_epoch=1), so a schedule can end mid-epoch (sched.updates)
     scheduler, _ = timm.scheduler.create_scheduler_v2(
         optimizer,
         sched=s.sched,
-        num_epochs=s.epochs,
-        warmup_epochs=s.warmup_epochs,
+        num_epochs=total_updates,
+        warmup_epochs=s.warmup_epochs * updates_per_epoch,
+        decay_epochs=90 * updates_per_epoch,  # timm's default step length of step schedules, in updates
         warmup_lr=s.warmup_lr,
         min_lr=s.min_lr,
         step_on_epochs=False,
-        updates_per_epoch=updates_per_epoch,
+        updates_per_epoch=1,
     )
     mixup = (
         timm.data.Mixup(
@@ -440,14 +444,15 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
     loss_sum = torch.zeros(2, dtype=torch.float64)  # loss × samples, samples since the last step record
     last_result: EvalResult | None = None
     last_ema_result: EvalResult | None = None
-    for epoch in range(start_epoch, s.epochs):
+    for epoch in range(start_epoch, num_epochs):
         first = start_update_in_epoch if epoch == start_epoch else 0
         sampler.set_epoch(epoch, first)
         if d.pipeline == "tensor":
             loader = build_tensor_batches(d, train_set, sampler, micro, cfg.model.in_chans, t.seed)
         else:
             loader = _make_loader(train_data, sampler, micro, d.workers, device)
-        bar = Progress((updates_per_epoch - first) * t.batch_size, f"epoch {epoch + 1}/{s.epochs}", enabled=main)
+        epoch_updates = min(updates_per_epoch, total_updates - epoch * updates_per_epoch)
+        bar = Progress((epoch_updates - first) * t.batch_size, f"epoch {epoch + 1}/{num_epochs}", enabled=main)
         train_model.train()
         tic = time.perf_counter()
         micro_index = 0
@@ -499,7 +504,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
                 ema.update(model, step=update)
             samples_seen += t.batch_size
             bar.update(t.batch_size, loss=loss.item())
-            if update % t.log_interval == 0 or update_in_epoch == updates_per_epoch:
+            if update % t.log_interval == 0 or update_in_epoch == epoch_updates:
                 reduced = all_reduce_sum(loss_sum.clone())
                 now = time.perf_counter()
                 metrics.write(
@@ -511,7 +516,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
                     img_per_s=samples_seen / max(elapsed_train + now - tic, 1e-9),
                 )
                 loss_sum.zero_()
-            if t.ckpt_interval and update % t.ckpt_interval == 0 and update_in_epoch < updates_per_epoch:
+            if t.ckpt_interval and update % t.ckpt_interval == 0 and update_in_epoch < epoch_updates:
                 elapsed_train += time.perf_counter() - tic
                 save("last", epoch, update_in_epoch, with_state=True)
                 tic = time.perf_counter()
@@ -519,10 +524,12 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
                     at, seconds = os.environ[_PAUSE_ENV].split(":")
                     if int(at) == update:
                         time.sleep(float(seconds))
+            if update_in_epoch == epoch_updates:  # the schedule ends inside this epoch (sched.updates)
+                break
         elapsed_train += time.perf_counter() - tic
         bar.close()
         epoch_record: dict[str, Any] = {"epoch": epoch + 1, "update": update, "lr": optimizer.param_groups[0]["lr"]}
-        if (epoch + 1) % t.eval_interval == 0 or epoch + 1 == s.epochs:
+        if (epoch + 1) % t.eval_interval == 0 or epoch + 1 == num_epochs:
             last_result = run_eval(model, "eval")
             epoch_record.update(top1=last_result.top1, top5=last_result.top5, val_loss=last_result.loss)
             score = last_result.top1
@@ -536,7 +543,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
             if main:
                 ema_text = f", EMA top-1 {last_ema_result.top1:.2f}%" if last_ema_result and t.eval_ema else ""
                 log(
-                    f"epoch {epoch + 1}/{s.epochs}: val top-1 {last_result.top1:.2f}% top-5 {last_result.top5:.2f}%"
+                    f"epoch {epoch + 1}/{num_epochs}: val top-1 {last_result.top1:.2f}% top-5 {last_result.top5:.2f}%"
                     f"{ema_text} ({samples_seen / max(elapsed_train, 1e-9):.1f} train img/s)"
                 )
         epoch_record["img_per_s"] = samples_seen / max(elapsed_train, 1e-9)
@@ -559,7 +566,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
         summary = {
             "model": cfg.model.name,
             "dataset": d.dataset,
-            "epochs": s.epochs,
+            "epochs": total_updates / updates_per_epoch,
             "updates": update,
             "global_batch": t.batch_size,
             "processes": world,
