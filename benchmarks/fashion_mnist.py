@@ -1,26 +1,30 @@
-"""DS-Net against timm peers on Fashion-MNIST: the same recipe and the same wall-clock budget for every model.
+"""DS-Net against timm peers on Fashion-MNIST: the same recipe and the same training wall time for every model.
 
-Every model trains with ``configs/fashion_mnist/dsnet_tiny.yaml`` (only ``model.name`` changes) for about
-``--minutes`` of training on this machine: its training speed is measured first (``--probe-updates`` updates on
-random data, after one warm-up update), then the number of epochs — or, below one epoch, the number of training
-images — is chosen to fill the budget. Each model is then evaluated on the 10,000 test images.
+Every model trains with ``configs/fashion_mnist/dsnet_tiny.yaml`` (only ``model.name`` changes; the recipe's
+``model.kwargs`` — DS-Net's small-input global strides — go to DS-Net models only) for ``--minutes`` of training on
+this machine. The budget is exact, not rounded to epochs: the model's training speed is measured first on real
+batches of the recipe's data pipeline (``--probe-updates`` updates after two warm-up updates), and the schedule is
+set to the number of optimizer updates that fill the budget (``sched.updates``: the cosine ends exactly there, the
+last epoch may be partial). The table reports the minutes each run really trained, and the spread between models.
 
-Results: ``benchmarks/results/fashion_mnist.md`` (markdown table, also printed): test top-1, parameters, MACs at the
-input size (``dsnet.bench.complexity.count_macs``), measured training images/s.
+Results: ``benchmarks/results/fashion_mnist.md`` (markdown table, also printed): test top-1 on the 10,000 test images
+(mean ± std over ``--seeds`` for the models in ``--seed-models``), parameters, MACs at the input size
+(``dsnet.bench.complexity.count_macs``), training images/s, minutes and epochs trained.
 
 Proof that it runs (a couple of minutes)::
 
-    python benchmarks/fashion_mnist.py --minutes 0.2 --models dsnet_tiny resnet18 --val-samples 500
+    python benchmarks/fashion_mnist.py --minutes 0.2 --models dsnet_tiny resnet18 --val-samples 500 --seeds 0
 
-The real comparison (about 10 minutes per model on an idle 2-core CPU; 6 to 8 models)::
+The real comparison (the main job's training budget per run on an idle 2-core CPU, 11 runs)::
 
-    python benchmarks/fashion_mnist.py --minutes 10
+    python benchmarks/fashion_mnist.py --minutes 10 --threads 2 --seeds 0 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -29,6 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "fashion_mnist" / "dsnet_tiny.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
+#: models run with every seed of --seeds (the others with the first seed only)
+SEED_MODELS = ("dsnet_tiny", "dsnet_tiny_concat", "resnet18")
 DEFAULT_MODELS = (
     "dsnet_tiny",
     "dsnet_tiny_concat",
@@ -42,28 +48,49 @@ DEFAULT_MODELS = (
 TRAIN_IMAGES = 60_000
 
 
-def model_kwargs(name: str, size: int) -> dict:
-    """Constructor arguments a model needs at ``size`` px (ViTs fix their position embedding to the input)."""
-    return {"img_size": size} if name.startswith(("deit_", "vit_")) else {}
+def model_overrides(name: str, cfg) -> list[str]:
+    """``--set`` overrides that adapt the recipe to ``name``: DS-Net keeps the recipe's ``model.kwargs`` (its
+    small-input grid), other models get none of them; ViTs fix their position embedding to the input size."""
+    if name.startswith("dsnet_"):
+        return []
+    overrides = ["model.kwargs={}"]
+    if name.startswith(("deit_", "vit_")):
+        overrides.append(f"model.kwargs.img_size={cfg.data.input_size}")
+    return overrides
 
 
-def probe_throughput(name: str, cfg, updates: int) -> float:
-    """Training images/s of ``name`` with the recipe's batch, input size, precision and memory format."""
-    import timm
+def probe_throughput(cfg, updates: int) -> float:
+    """Training images/s of ``cfg``'s model on real batches of its data pipeline (two warm-up updates first)."""
+    from dsnet.data.build import build_dataset, build_tensor_batches, build_transform
+    from dsnet.data.datasets import ShardedEpochSampler, TransformedDataset, collate_with_bad_files
+    from dsnet.engine.trainer import build_model, resolve_amp
 
-    from dsnet.engine.trainer import resolve_amp
-
-    size, chans, batch = cfg.data.input_size, cfg.model.in_chans, cfg.train.batch_size
-    model = timm.create_model(name, num_classes=10, in_chans=chans, **model_kwargs(name, size))
+    d, batch, chans = cfg.data, cfg.train.batch_size, cfg.model.in_chans
+    dataset = build_dataset(d, "train", chans)
+    sampler = ShardedEpochSampler(len(dataset), batch, seed=cfg.train.seed)
+    if d.pipeline == "tensor":
+        loader = build_tensor_batches(d, dataset, sampler, batch, chans, cfg.train.seed)
+    else:
+        loader = torch.utils.data.DataLoader(
+            TransformedDataset(dataset, build_transform(d, chans, True), cfg.train.seed),
+            batch_size=batch,
+            sampler=sampler,
+            num_workers=d.workers,
+            collate_fn=collate_with_bad_files,
+        )
+    model = build_model(cfg, 10)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     amp = resolve_amp(cfg.train.amp, torch.device("cpu"))
-    x, y = torch.randn(batch, chans, size, size), torch.randint(0, 10, (batch,))
-    if cfg.train.channels_last:
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     start = 0.0
-    for step in range(updates + 1):  # update 0 is the warm-up
-        if step == 1:
+    for step, (x, y, _) in enumerate(loader):
+        if step == 2:  # updates 0 and 1 are the warm-up
             start = time.perf_counter()
+        if step == updates + 2:
+            break
+        if cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         loss.backward()
@@ -72,15 +99,24 @@ def probe_throughput(name: str, cfg, updates: int) -> float:
     return updates * batch / (time.perf_counter() - start)
 
 
+def _top1(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} ({', '.join(f'{v:.2f}' for v in values)})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0, help="training budget per model (default 10)")
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     parser.add_argument("--size", type=int, default=None, help="input size (default: the recipe's, 32)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores not busy)")
-    parser.add_argument("--probe-updates", type=int, default=3)
+    parser.add_argument("--probe-updates", type=int, default=8)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the --seed-models (default 0)")
+    parser.add_argument("--seed-models", nargs="+", default=list(SEED_MODELS), help="models run with every seed")
     parser.add_argument("--val-samples", type=int, default=None, help="evaluate on the first N test images only")
-    parser.add_argument("--output-dir", default=str(ROOT / "runs" / "bench-fashion-mnist"))
+    parser.add_argument("--output-dir", default=str(ROOT / "runs" / "bench-fashion-mnist"), help="run folders")
+    parser.add_argument("--out", default=str(RESULTS / "fashion_mnist.md"), help="markdown table to write")
     args = parser.parse_args()
 
     import timm
@@ -88,7 +124,7 @@ def main() -> None:
     import dsnet  # noqa: F401  (registers the zoo)
     from dsnet.bench.complexity import count_macs, count_params
     from dsnet.engine.config import load_config
-    from dsnet.engine.trainer import auto_threads, train
+    from dsnet.engine.trainer import auto_threads, build_model, train
 
     threads = args.threads or auto_threads()  # fixed for the whole comparison: probes and runs alike
     torch.set_num_threads(threads)
@@ -98,60 +134,61 @@ def main() -> None:
     base.append(f"train.threads={threads}")
     if args.val_samples:
         base.append(f"data.max_val_samples={args.val_samples}")
-    rows = []
+    rows, minutes_trained = [], []
     for name in args.models:
         if not timm.is_model(name):
-            rows.append((name, "not registered", "", "", "", ""))
+            rows.append((name, "not registered", "", "", "", "", ""))
             continue
         overrides = [*base, f"model.name={name}", f"train.name=bench-{name}"]
-        overrides += [
-            f"model.kwargs.{k}={v}" for k, v in model_kwargs(name, load_config(RECIPE, base).data.input_size).items()
-        ]
+        overrides += model_overrides(name, load_config(RECIPE, base))
         cfg = load_config(RECIPE, overrides)
-        size, chans = cfg.data.input_size, cfg.model.in_chans
+        size, chans, batch = cfg.data.input_size, cfg.model.in_chans, cfg.train.batch_size
         try:
-            rate = probe_throughput(name, cfg, args.probe_updates)
+            rate = probe_throughput(cfg, args.probe_updates)
         except Exception as err:  # a model that cannot run at this size is reported, not fatal
-            rows.append((name, f"fails at {size} px: {type(err).__name__}", "", "", "", ""))
+            rows.append((name, f"fails at {size} px: {type(err).__name__}", "", "", "", "", ""))
             continue
-        images = rate * args.minutes * 60
-        epochs = max(1, int(images // TRAIN_IMAGES))
-        extra = [f"sched.epochs={epochs}"]
-        if images < TRAIN_IMAGES:  # less than one epoch fits: train one epoch over a subset
-            batch = cfg.train.batch_size
-            extra.append(f"data.max_train_samples={max(batch, int(images // batch) * batch)}")
-            extra.append("sched.warmup_epochs=0.1")
-        print(f"[bench] {name}: probe {rate:.1f} img/s -> {extra}", flush=True)
-        run_dir = train(load_config(RECIPE, overrides + extra))
-        summary = json.loads((run_dir / "summary.json").read_text())
-        trained = summary["updates"] * summary["global_batch"] / TRAIN_IMAGES
-        model = timm.create_model(name, num_classes=10, in_chans=chans, **model_kwargs(name, size))
-        macs = count_macs(model, (chans, size, size))
+        updates = max(1, round(rate * args.minutes * 60 / batch))
+        seeds = args.seeds if name in args.seed_models else args.seeds[:1]
+        print(f"[bench] {name}: probe {rate:.1f} img/s -> sched.updates={updates}, seeds {seeds}", flush=True)
+        top1, seconds, speeds = [], [], []
+        for seed in seeds:
+            extra = [f"sched.updates={updates}", f"train.seed={seed}", f"train.name=bench-{name}-s{seed}"]
+            run_dir = train(load_config(RECIPE, overrides + extra))
+            summary = json.loads((run_dir / "summary.json").read_text())
+            top1.append(summary["final"]["top1"])
+            seconds.append(summary["train_seconds"])
+            speeds.append(summary["train_img_per_s"])
+        minutes_trained.extend(sec / 60 for sec in seconds)
+        model = build_model(cfg, 10)
         rows.append(
             (
                 name,
-                f"{summary['final']['top1']:.2f}",
+                _top1(top1),
                 f"{count_params(model) / 1e6:.2f}",
-                f"{macs / 1e6:.1f}",
-                f"{summary['train_img_per_s']:.0f}",
-                f"{summary['train_seconds'] / 60:.1f} min, {trained:.2g} epochs",
+                f"{count_macs(model, (chans, size, size)) / 1e6:.1f}",
+                f"{statistics.mean(speeds):.0f}",
+                " / ".join(f"{sec / 60:.2f}" for sec in seconds),
+                f"{updates * batch / TRAIN_IMAGES:.3g}",
             )
         )
+    spread = (max(minutes_trained) / min(minutes_trained) - 1) * 100 if minutes_trained else 0.0
     header = (
-        f"Fashion-MNIST, recipe {RECIPE.relative_to(ROOT)}, {size} px, {chans} channel(s), about {args.minutes:g} min "
-        f"of training per model, {torch.get_num_threads()} CPU thread(s); "
-        f"test top-1 on {args.val_samples or 10000} test images."
+        f"Fashion-MNIST, recipe {RECIPE.relative_to(ROOT)}, {size} px, {chans} channel(s), {args.minutes:g} min "
+        f"of training per run, {torch.get_num_threads()} CPU thread(s); test top-1 on {args.val_samples or 10000} "
+        f"test images. Minutes trained: {min(minutes_trained, default=0):.2f} to {max(minutes_trained, default=0):.2f} "
+        f"(longest/shortest - 1 = {spread:.1f} %)."
     )
     lines = [
         header,
         "",
-        "| model | test top-1 (%) | params (M) | MMACs | train img/s | trained |",
-        "|---|---|---|---|---|---|",
+        "| model | test top-1 (%) | params (M) | MMACs | train img/s | minutes trained | epochs |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     table = "\n".join(lines)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "fashion_mnist.md").write_text(table + "\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(table + "\n")
     print(table)
 
 
