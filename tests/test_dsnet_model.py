@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 
 import pytest
 import timm
@@ -458,3 +459,36 @@ def test_linear_init_is_truncated_normal():
     biases = [m.bias for m in model.modules() if isinstance(m, nn.Linear)]
     assert all(torch.count_nonzero(b) == 0 for b in biases)
     assert math.isclose(model.stages[0].blocks[0].global_norm.eps, 1e-5)
+
+
+def test_main_job_model_keeps_both_streams_at_its_input_size(monkeypatch):
+    """The main job's recipe (configs/fashion_mnist/dsnet_tiny.yaml): at its input size, stages 1–3 have global grids
+    of at least 2×2 tokens and stage 1's grid is coarser than its local map — read from the model and checked against
+    the grids its forward pass really builds."""
+    from dsnet.engine.config import load_config
+    from dsnet.engine.trainer import build_model
+    from dsnet.models import dsnet as dsnet_module
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist" / "dsnet_tiny.yaml")
+    assert cfg.model.name == "dsnet_tiny"  # the released architecture, not a smaller network
+    model = build_model(cfg, num_classes=10).eval()
+    size = cfg.data.input_size
+    shapes = model.stream_shapes(size)
+    for shape in shapes[:3]:
+        assert min(shape.global_grid) >= 2, shape
+    assert shapes[0].global_grid[0] < shapes[0].local_map[0] and shapes[0].global_grid[1] < shapes[0].local_map[1]
+
+    built = []
+    original = dsnet_module.resize_to_global_grid
+
+    def recording(x, stride, grid_size):
+        out = original(x, stride, grid_size)
+        built.append((tuple(x.shape[-2:]), tuple(out.shape[-2:])))
+        return out
+
+    monkeypatch.setattr(dsnet_module, "resize_to_global_grid", recording)
+    with torch.no_grad():
+        model(torch.zeros(1, cfg.model.in_chans, size, size))
+    blocks_per_stage = [len(stage.blocks) for stage in model.stages]
+    expected = [(shape.local_map, shape.global_grid) for shape, n in zip(shapes, blocks_per_stage) for _ in range(n)]
+    assert built == expected
