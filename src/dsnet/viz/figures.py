@@ -124,8 +124,10 @@ def load_baseline(name: str, weights: str | None) -> VizModel:
         raise ValueError(f"--baseline {name!r}: not a registered timm model")
     if not weights:
         raise ValueError(f"--baseline {name} needs --baseline-weights FILE (weights are never downloaded)")
+    from dsnet.engine.inference import _classifier_size
+
     state, _ = load_weights(weights)
-    model = timm.create_model(name, pretrained=False)
+    model = timm.create_model(name, pretrained=False, num_classes=_classifier_size(name, state, 3))
     if model_family(model) != "vit":
         raise ValueError(f"--baseline {name}: not a ViT (no blocks[].attn to read the attention of)")
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -215,6 +217,21 @@ def _figure(rows: int, cols: int):
     return fig, axes
 
 
+def _require_family(vm: VizModel, kind: str) -> None:
+    """A clear error before any work when ``vm`` has no map of this kind (``cam`` works for any model)."""
+    family = model_family(vm.model)
+    if kind == "attention" and family is None:
+        raise ValueError(
+            f"{vm.name} ({type(vm.model).__name__}): no attention maps to show (DS-Net, TransXNet, MixFormer or a "
+            "timm ViT); `dsnet viz cam` works for any model"
+        )
+    if kind == "features" and family not in ("dsnet", "transxnet", "mixformer"):
+        raise ValueError(
+            f"{vm.name} ({type(vm.model).__name__}): no local/global streams to show (features need DS-Net, "
+            "TransXNet or MixFormer); `dsnet viz cam` works for any model"
+        )
+
+
 def _pick_block(vm: VizModel, capture, block: str | None) -> str:
     if block is None:
         return default_block(vm.model, capture)
@@ -232,6 +249,7 @@ def attention_figure(
 ) -> Path:
     """The attention maps of the query ``point`` (``"X,Y"`` in image pixels) in ``block`` over the image, with an
     optional ViT baseline panel (paper Fig. 1 a/b)."""
+    _require_family(vm, "attention")
     x, display, original = vm.load(image)
     where = parse_point(point, original, image)
     logits, capture = run_with_capture(vm.model, x)
@@ -263,6 +281,7 @@ def features_figure(
     vm: VizModel, image: str | Path, out: str | Path, block: str | None = None, reduce: str = "mean"
 ) -> Path:
     """Local-stream, global-stream and fused maps of ``block`` (paper Fig. 1 c–e), reduced over channels."""
+    _require_family(vm, "features")
     x, display, _ = vm.load(image)
     logits, capture = run_with_capture(vm.model, x)
     block = _pick_block(vm, capture, block)
@@ -367,6 +386,7 @@ def streams_figure(
     self-attention, G→L, L→G for DS-Net) | local, global and fused features of the block."""
     if not images:
         raise ValueError("streams needs at least one image")
+    _require_family(vm, "features")
     rows = []
     for image in images:
         x, display, original = vm.load(image)
