@@ -160,13 +160,17 @@ def markdown(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace)
             f"| variant | paper ImageNet top-1 | params (M) | top-1 (%) | seeds | Δ vs {reference.label} |",
             "|---|---|---|---|---|---|",
         ]
-        reference_mean = statistics.mean(s["final"]["top1"] for s in results[reference.key])
+        reference_runs = results.get(reference.key)
         for variant in TABLES[number]:
+            if variant.key not in results:  # left out with --only
+                continue
             top1 = [s["final"]["top1"] for s in results[variant.key]]
-            delta = statistics.mean(top1) - reference_mean
+            delta = "—"
+            if reference_runs and variant is not reference:
+                delta = f"{statistics.mean(top1) - statistics.mean(s['final']['top1'] for s in reference_runs):+.2f}"
             lines.append(
                 f"| {variant.label} | {variant.paper_top1:.1f} | {_params(variant, args):.2f} | {_mean_std(top1)} | "
-                f"{', '.join(f'{v:.2f}' for v in top1)} | {'—' if variant is reference else f'{delta:+.2f}'} |"
+                f"{', '.join(f'{v:.2f}' for v in top1)} | {delta} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -187,10 +191,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], help="extra recipe override KEY=VALUE (repeatable)")
     parser.add_argument("--output-dir", default=str(ROOT / "runs" / "ablations"), help="run folders")
     parser.add_argument("--out", default=str(RESULTS / "ablations.md"), help="markdown table to write")
+    parser.add_argument(
+        "--only", nargs="+", help="train only these variants (keys: alpha0 ... alpha1, full, no_fL, ...)"
+    )
     parser.add_argument("--rerun", action="store_true", help="train again even where a finished run exists")
     args = parser.parse_args(argv)
 
     variants = {v.key: v for number in args.tables for v in TABLES[number]}  # shared rows trained once
+    if args.only:
+        unknown = sorted(set(args.only) - set(variants))
+        if unknown:
+            parser.error(f"--only {' '.join(unknown)}: not a variant of tables {args.tables} ({', '.join(variants)})")
+        variants = {key: v for key, v in variants.items() if key in args.only}
     jobs = [(variant, seed) for variant in variants.values() for seed in args.seeds]
     print(f"[ablations] {len(jobs)} runs, {args.jobs} at a time, {args.threads} thread(s) each", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait on the child processes
