@@ -89,7 +89,7 @@ def load_viz_model(
         if weights:
             raise ValueError(f"{source} is a checkpoint already; --weights goes with a model name")
         model, info = load_checkpoint(source, device=device)
-        origin = str(info.path)
+        origin = f"{Path(source).name}/{info.path.name}" if Path(source).is_dir() else info.path.name
     elif timm.is_model(source):
         if weights:
             model, info = load_checkpoint(weights, model_name=source, device=device)
