@@ -272,7 +272,8 @@ def attention_figure(
         _draw(ax, img, panel, where)
     px = point or f"{original[0] // 2},{original[1] // 2} (centre)"
     fig.suptitle(
-        f"{vm.name} block {block}: attention of point {px}, mean over heads — {_label(vm, logits)}", fontsize=8
+        f"{vm.name} ({vm.weights}) block {block}: attention of point {px}, mean over heads — {_label(vm, logits)}",
+        fontsize=8,
     )
     return _save(fig, out)
 
@@ -291,7 +292,7 @@ def features_figure(
     for ax, panel in zip(axes[0][1:], panels):
         _draw(ax, display, panel, None, overlay=False)
     how = "channel mean" if reduce == "mean" else "first PCA component"
-    fig.suptitle(f"{vm.name} block {block}: stream features ({how}) — {_label(vm, logits)}", fontsize=8)
+    fig.suptitle(f"{vm.name} ({vm.weights}) block {block}: stream features ({how}) — {_label(vm, logits)}", fontsize=8)
     return _save(fig, out)
 
 
@@ -370,7 +371,7 @@ def cam_figure(
     fig, axes = _figure(1, 2)
     _draw(axes[0][0], display, None, None)
     _draw(axes[0][1], display, panel, None)
-    fig.suptitle(f"{vm.name}: Grad-CAM at {name} — {_label(vm, logits)}", fontsize=8)
+    fig.suptitle(f"{vm.name} ({vm.weights}): Grad-CAM at {name} — {_label(vm, logits)}", fontsize=8)
     return _save(fig, out)
 
 
