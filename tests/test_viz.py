@@ -192,6 +192,9 @@ def test_a_model_without_a_map_says_so(image_path, tmp_path, capsys):
     assert "no attention maps" in capsys.readouterr().err
     assert main(["viz", "features", "resnet18", image_path, "--out", str(tmp_path / "x.png")]) == 2
     assert "no local/global streams" in capsys.readouterr().err
+    cam = tmp_path / "cam.png"  # Grad-CAM works for any timm model, a class given by index
+    assert main(["viz", "cam", "resnet18", image_path, "--out", str(cam), "--input-size", "64", "--class", "3"]) == 0
+    _png(cam)
     # a DS-Net block without co-attention: the panels say so, the figure is still drawn from the self-attention
     out = tmp_path / "concat.png"
     assert main(["viz", "attention", "dsnet_tiny_concat", image_path, "--out", str(out), "--input-size", "64"]) == 0
