@@ -3,7 +3,8 @@
 #   1. set up the venv, the package and Fashion-MNIST;
 #   2. train DS-Net-T* (dsnet_tiny) on the 60,000 Fashion-MNIST training images (configs/fashion_mnist/dsnet_tiny.yaml);
 #   3. evaluate it on the 10,000 test images (top-1, top-5, per-class accuracy, confusion matrix);
-#   4. write a few test images as PNG files into the run folder and predict them with `dsnet predict`.
+#   4. write a few test images as PNG files into the run folder and predict them with `dsnet predict`;
+#   5. draw the paper's Figure 1 for four of them (streams.png: attention of a point, local/global/fused features).
 # Extra arguments go to `dsnet train`, e.g.  bash scripts/demo.sh --set sched.epochs=1
 # Torch threads default to the CPU cores not already busy (load average); force them with --set train.threads=N
 set -euo pipefail
@@ -49,6 +50,14 @@ for r in rows:
     print(f"{Path(r['path']).name:<28} {true:<12} {'ok ' if r['labels'][0] == true else 'XX '}{top}")
 print(f"{hits}/{len(rows)} sample images predicted correctly")
 EOF
+
+echo "== see the two streams: the DS-Net paper's Figure 1 for four test images =="
+# block 1.2: the last block of stage 1, local 8x8 / global 4x4 at 32 px (later stages have 2x2 and 1x1 grids)
+if $DSNET viz streams "$RUN" "$RUN"/samples/test0000{0,1,4,8}_*.png --block 1.2 --out "$RUN/streams.png" >/dev/null; then
+  echo "attention and stream features: $RUN/streams.png"
+else
+  echo "(dsnet viz streams needs a DS-Net, TransXNet or MixFormer model; skipped)"
+fi
 
 RESULT=$($PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['top1']:.2f}% on {r['num_samples']:,}\")" "$RUN/eval-val/eval.json")
 echo

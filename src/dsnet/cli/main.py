@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 #: Subcommand modules, in the order ``dsnet --help`` lists them.
-SUBCOMMANDS: tuple[str, ...] = ("info", "export", "convert", "train", "evaluate", "predict", "detect")
+SUBCOMMANDS: tuple[str, ...] = ("info", "export", "convert", "train", "evaluate", "predict", "detect", "viz")
 
 
 class CLIError(Exception):
