@@ -193,3 +193,14 @@ def test_onnx_dynamic_batch_and_size(tmp_path):
     assert report.max_abs_diff <= 1e-4, report.checks
     for check in check_onnx(model, report.path, [(1, 3, 96, 160), (3, 3, 64, 64)]):
         assert check.max_abs_diff <= 1e-4, check
+
+
+@pytest.mark.parametrize("size", ALL_SIZES)
+def test_recipe_is_the_release_training_command(size):
+    from dsnet.engine.config import load_config
+
+    cfg = load_config(FIXTURES.parent.parent / "configs" / "imagenet" / f"mobile_former_{size}.yaml")
+    assert cfg.model.name == f"mobile_former_{size}"
+    assert (cfg.sched.epochs, cfg.train.batch_size, cfg.optim.lr, cfg.optim.weight_decay) == (450, 1024, 1e-3, 0.2)
+    assert (cfg.model.drop_rate, cfg.model.drop_path, cfg.data.mixup, cfg.data.cutmix) == (0.3, 0.0, 0.2, 0.0)
+    assert (cfg.data.aa, cfg.data.reprob, cfg.data.color_jitter) == ("rand-m9-mstd0.5", 0.2, 0.0)
