@@ -44,6 +44,8 @@ DEFAULT_MODELS = (
     "convnext_atto",
     "transxnet_t",
     "mixformer_b0",
+    "mobile_former_26m",
+    "mobile_former_294m",
 )
 TRAIN_IMAGES = 60_000
 

@@ -123,7 +123,7 @@ def test_retinanet_and_maskrcnn_forward():
     assert len(out) == 2 and {"boxes", "labels", "scores", "masks"} <= set(out[0])
 
 
-@pytest.mark.parametrize("backbone", ["dsnet_tiny_concat", "transxnet_t", "mixformer_b0"])
+@pytest.mark.parametrize("backbone", ["dsnet_tiny_concat", "transxnet_t", "mixformer_b0", "mobile_former_26m"])
 def test_every_family_backs_a_detector(backbone):
     """The whole zoo, not only DS-Net, trains under DS-FPN: losses are finite and reach the deepest stage."""
     model = retinanet(backbone, num_classes=3, min_size=64, max_size=64, trainable_stages=4, norm="train")
