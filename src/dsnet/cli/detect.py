@@ -15,7 +15,6 @@ Several processes (DDP; gloo on CPU, nccl on CUDA; ``data.batch_size`` is the gl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -35,6 +34,7 @@ def _make_data(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from dsnet.detection.engine import load_detection_config, train
+    from dsnet.engine.report import strict_json
 
     cfg = config_from_args(args, load_detection_config)
     if cfg is not None and args.print_config:
@@ -42,19 +42,20 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result, indent=2))
+        print(strict_json(result, indent=2))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     from dsnet.detection.data import CocoDetection, split_paths
     from dsnet.detection.engine import evaluate, load_model
+    from dsnet.engine.report import strict_json
 
     model, cfg, _ = load_model(args.run, args.tag)
     root = args.data or cfg.data.root
     dataset = CocoDetection(*split_paths(root, args.split), masks=cfg.model.arch == "maskrcnn")
     metrics = evaluate(model, dataset, batch_size=cfg.data.batch_size, limit=args.limit, progress=True)
-    print(json.dumps(metrics, indent=2))
+    print(strict_json(metrics, indent=2))
     return 0
 
 

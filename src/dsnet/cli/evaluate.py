@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -108,6 +107,8 @@ def evaluate_checkpoint(
 
 
 def run(args: argparse.Namespace) -> int:
+    from dsnet.engine.report import strict_json
+
     overrides = list(args.set or [])
     if args.data_dir:
         overrides.append(f"data.root={args.data_dir}")
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         quiet=args.json,
     )
     if args.json:
-        print(json.dumps({**result.to_dict(), "output": str(output)}, indent=2))
+        print(strict_json({**result.to_dict(), "output": str(output)}, indent=2))
         return 0
     print(f"top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}  ({result.num_samples} images)")
     width = max(len(c) for c in result.classes)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
 
@@ -13,6 +12,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dsnet.engine.distributed import resolve_device
     from dsnet.engine.inference import collect_images, load_checkpoint, predict_files
+    from dsnet.engine.report import strict_json
     from dsnet.engine.trainer import auto_threads
 
     torch.set_num_threads(args.threads or auto_threads())
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     predictions = predict_files(model, info, files, top_k=args.top_k, batch_size=args.batch_size)
     failed = [p for p in predictions if p.error]
     if args.json:
-        print(json.dumps([dataclasses.asdict(p) for p in predictions], indent=2))
+        print(strict_json([dataclasses.asdict(p) for p in predictions], indent=2))
     else:
         width = min(max(len(p.path) for p in predictions), 60)
         for p in predictions:

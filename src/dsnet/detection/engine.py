@@ -278,7 +278,7 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
     from dsnet.engine import checkpoint as ckpt
     from dsnet.engine.distributed import all_reduce_sum, barrier
     from dsnet.engine.evaluate import autocast_context
-    from dsnet.engine.report import MetricsLog, Progress
+    from dsnet.engine.report import MetricsLog, Progress, format_metric
     from dsnet.engine.trainer import atomic_json, make_run_dir, resolve_amp, set_threads, update_seed
 
     r, main, world = cfg.run, dist_info.is_main, dist_info.world_size
@@ -424,7 +424,9 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
             )
             log.write("eval", epoch=epoch + 1, update=update, **metrics)
             if main and r.progress:
-                print(f"epoch {epoch + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()), flush=True)
+                print(
+                    f"epoch {epoch + 1}: " + " ".join(f"{k}={format_metric(v)}" for k, v in metrics.items()), flush=True
+                )
             if metrics["bbox_AP"] > best:
                 best = metrics["bbox_AP"]
                 save("best", epoch + 1, 0, with_state=False)

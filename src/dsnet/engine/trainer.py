@@ -17,8 +17,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
 import os
 import random
@@ -42,7 +40,7 @@ from dsnet.engine import checkpoint as ckpt
 from dsnet.engine.config import RunConfig, load_config
 from dsnet.engine.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
 from dsnet.engine.evaluate import EvalResult, autocast_context, evaluate
-from dsnet.engine.report import MetricsLog, Progress, plot_confusion, plot_curves
+from dsnet.engine.report import MetricsLog, Progress, plot_confusion, plot_curves, strict_json
 
 __all__ = [
     "NonFiniteLossError",
@@ -606,12 +604,4 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
 
 
 def atomic_json(path: Path, value: Any) -> None:
-    ckpt.atomic_write(path, lambda p: p.write_text(json.dumps(value, indent=2, default=_json_default)))
-
-
-def _json_default(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return str(value)
+    ckpt.atomic_write(path, lambda p: p.write_text(strict_json(value, indent=2)))
