@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from dsnet.cli._run_config import add_config_arguments, config_from_args, print_config
@@ -64,6 +65,7 @@ def _predict(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
+    from dsnet.data.images import ImageLoadError, load_image
     from dsnet.detection.engine import draw_predictions, load_model
     from dsnet.engine.inference import collect_images
 
@@ -77,9 +79,14 @@ def _predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if len(images) > 1:
         out.mkdir(parents=True, exist_ok=True)
+    failed = 0
     for path in images:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+        try:
+            array = np.asarray(load_image(path, "RGB"), dtype=np.uint8).copy()
+        except ImageLoadError as err:  # a per-file error, like `dsnet predict`
+            print(f"dsnet: warning: {err}", file=sys.stderr)
+            failed += 1
+            continue
         image = torch.from_numpy(array).permute(2, 0, 1).float() / 255  # (3, H, W)
         with torch.no_grad():
             output = model([image])[0]
@@ -88,7 +95,7 @@ def _predict(args: argparse.Namespace) -> int:
         Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target)
         kept = int((output["scores"] >= args.score_thresh).sum())
         print(f"{path}: {kept} objects with score >= {args.score_thresh} -> {target}")
-    return 0
+    return 1 if failed else 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
