@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from dsnet.cli._run_config import add_config_arguments, config_from_args, print_config
+from dsnet.cli.main import positive_int
 
 
 def _make_data(args: argparse.Namespace) -> int:
@@ -104,10 +105,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     m = sub.add_parser("make-data", help="write the built-in Fashion-MNIST detection set (COCO format)")
     m.add_argument("out", help="output folder")
-    m.add_argument("--train", type=int, default=2000, help="training images (default 2000)")
-    m.add_argument("--val", type=int, default=500, help="validation images (default 500)")
-    m.add_argument("--size", type=int, default=128, help="canvas side in pixels (default 128)")
-    m.add_argument("--max-objects", type=int, default=4, help="objects per image at most (default 4)")
+    m.add_argument("--train", type=positive_int, default=2000, help="training images (default 2000)")
+    m.add_argument("--val", type=positive_int, default=500, help="validation images (default 500)")
+    m.add_argument("--size", type=positive_int, default=128, help="canvas side in pixels (default 128)")
+    m.add_argument("--max-objects", type=positive_int, default=4, help="objects per image at most (default 4)")
     m.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     m.add_argument("--fashion-mnist", default=None, help="folder with the Fashion-MNIST IDX files")
     m.set_defaults(func=_make_data)
@@ -123,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--tag", default="best", help="checkpoint tag (best or last)")
     e.add_argument("--data", default=None, help="dataset root (default: the run's)")
     e.add_argument("--split", default="val", help="split to evaluate (default val)")
-    e.add_argument("--limit", type=int, default=None, help="first N images only")
+    e.add_argument("--limit", type=positive_int, default=None, help="first N images only")
     e.set_defaults(func=_eval)
 
     q = sub.add_parser("predict", help="draw boxes, labels and masks of a trained run onto images (PNG)")

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dsnet.cli.main import positive_int
+
 
 def evaluate_checkpoint(
     checkpoint: str | Path,
@@ -147,7 +149,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     p.add_argument("--tag", choices=("best", "last"), default="best", help="which checkpoint of a run folder")
     p.add_argument("--model", help="timm model name (for weights without dsnet metadata)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--output", help="folder for eval.json and confusion.png")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=run)
