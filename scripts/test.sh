@@ -16,5 +16,7 @@ fi
 echo "[test] ruff"
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks
+echo "[test] timm's own tests/test_models.py on the zoo (contract subset; scripts/timm_suite.sh --full for all)"
+bash scripts/timm_suite.sh
 echo "[test] pytest"
 exec .venv/bin/python -m pytest "$@"

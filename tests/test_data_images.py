@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -140,3 +142,45 @@ def test_sharded_sampler_matches_single_process_and_resumes():
     assert seen == list(range(11))  # no sample dropped or repeated
     with pytest.raises(ValueError, match="not divisible"):
         ShardedEpochSampler(10, 3, world_size=2)
+
+
+# --- decompression bombs and absurd sizes: a per-file error, decided from the header ---------------------------------
+
+
+def _bomb(path: Path, side: int = 40000) -> Path:
+    """A PNG of ``side``×``side`` black pixels that is only a few kB on disk (1-bit, compressed)."""
+    from PIL import Image as PILImage
+
+    saved = PILImage.MAX_IMAGE_PIXELS
+    PILImage.MAX_IMAGE_PIXELS = None
+    try:
+        PILImage.new("1", (side, side)).save(path, optimize=True)
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = saved
+    return path
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> Path:
+    return _bomb(tmp_path_factory.mktemp("bomb") / "bomb.png")
+
+
+def test_decompression_bomb_is_a_per_file_error(bomb):
+    assert bomb.stat().st_size < 1_000_000
+    with pytest.raises(ImageLoadError, match=r"bomb\.png: 40000x40000 = 1600000000 pixels, over the limit"):
+        load_image(bomb)
+
+
+def test_pixel_limit_is_configurable(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    path = tmp_path / "wide.png"
+    PILImage.new("RGB", (300, 200)).save(path)
+    monkeypatch.setenv("DSNET_MAX_IMAGE_PIXELS", "50000")
+    with pytest.raises(ImageLoadError, match=r"300x200 = 60000 pixels, over the limit of 50000"):
+        load_image(path)
+    monkeypatch.setenv("DSNET_MAX_IMAGE_PIXELS", "60000")
+    assert load_image(path).size == (300, 200)
+    monkeypatch.setenv("DSNET_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(ValueError, match="DSNET_MAX_IMAGE_PIXELS='lots': expected a positive number"):
+        load_image(path)

@@ -210,3 +210,21 @@ def test_sharded_evaluation_counts_every_image_once(det_data, tmp_path):
     mp.spawn(_sharded_eval_worker, args=(2, str(tmp_path / "init"), str(det_data), str(tmp_path)), nprocs=2)
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == pytest.approx(alone, abs=0, nan_ok=True)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.batch_size=0", r"data\.batch_size=0 is out of range; expected >= 1"),
+        ("model.score_thresh=2", r"model\.score_thresh=2\.0 is out of range; expected in \[0, 1\]"),
+        ("model.trainable_stages=7", r"model\.trainable_stages=7 is out of range; expected in \[0, 4\]"),
+        ("optim.decay_at=[0.5, 1.2]", r"optim\.decay_at=\(0\.5, 1\.2\) is out of range"),
+        ("model.min_size=16", r"model\.min_size=16 is too small for dsnet_tiny"),
+        ("model.max_size=64", r"model\.max_size=64 is below model\.min_size=128"),
+    ],
+)
+def test_detection_config_ranges(override, expected):
+    from dsnet.detection.engine import load_detection_config
+
+    with pytest.raises(ValueError, match=expected):
+        load_detection_config(None, [override])

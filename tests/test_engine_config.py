@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 
-from dsnet.engine.config import DEFAULT_EMA_DECAY, load_config
+from dsnet.engine.config import DEFAULT_EMA_DECAY, RUN_RANGES, RunConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -59,3 +61,81 @@ def test_released_weight_recipe_matches_design():
     assert cfg.data.aa == "rand-m9-mstd0.5-inc1" and cfg.model.drop_path == 0.1
     flat = load_config(None, ["ema=true", "lr=0.5", "model=resnet18"])
     assert (flat.train.ema, flat.optim.lr, flat.model.name) == (DEFAULT_EMA_DECAY, 0.5, "resnet18")
+
+
+# --- bad values: one line naming the key, the value and what is allowed ----------------------------------------------
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("model:\n  name: [dsnet_tiny\ntrain:\n  batch_size: 8\n")
+    with pytest.raises(ValueError) as err:
+        load_config(recipe)
+    message = str(err.value)
+    assert message.startswith(f"{recipe}:") and "YAML syntax error" in message
+    assert "line 2, column 9" in message  # where the unclosed [ began
+    assert "\n" not in message
+
+
+def test_yaml_syntax_error_in_an_override():
+    with pytest.raises(ValueError, match=r"--set optim\.lr:1:3: YAML syntax error"):
+        load_config(None, ["optim.lr=[1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.batch_size=-4", r"train\.batch_size=-4 is out of range; expected >= 1"),
+        ("train.batch_size=0", r"train\.batch_size=0 is out of range"),
+        ("sched.epochs=0", r"sched\.epochs=0 is out of range; expected >= 1"),
+        ("optim.lr=0", r"optim\.lr=0\.0 is out of range; expected > 0"),
+        ("optim.lr=-1e-3", r"optim\.lr=-0\.001 is out of range"),
+        ("data.hflip=1.5", r"data\.hflip=1\.5 is out of range; expected in \[0, 1\]"),
+        ("data.reprob=-0.1", r"data\.reprob=-0\.1 is out of range"),
+        ("data.label_smoothing=1", r"data\.label_smoothing=1\.0 is out of range; expected in \[0, 1\)"),
+        ("data.scale=[0.5, 1.5]", r"data\.scale=\(0\.5, 1\.5\) is out of range"),
+        ("data.crop_pct=0", r"data\.crop_pct=0\.0 is out of range; expected in \(0, 1\]"),
+        ("train.threads=0", r"train\.threads=0 is out of range; expected >= 1"),
+        ("train.eval_interval=0", r"train\.eval_interval=0 is out of range"),
+        ("train.log_interval=-1", r"train\.log_interval=-1 is out of range"),
+        ("train.ckpt_interval=-5", r"train\.ckpt_interval=-5 is out of range; expected >= 0"),
+        ("train.ema=1", r"train\.ema=1\.0 is out of range"),
+        ("data.workers=-1", r"data\.workers=-1 is out of range"),
+        ("optim.lr=nan", r"optim\.lr=nan is out of range"),
+        ("train.accum_steps=3", r"train\.accum_steps=3 must divide train\.batch_size=1024"),
+        ("data.scale=[0.9, 0.5]", r"data\.scale=\[0\.9, 0\.5\] must be \[low, high\]"),
+        ("data.input_size=16", r"data\.input_size=16 is too small for dsnet_tiny; .* at least 32x32"),
+    ],
+)
+def test_out_of_range_values_are_refused_at_load(override, expected):
+    with pytest.raises(ValueError, match=expected):
+        load_config(None, [override])
+
+
+def test_ranges_are_checked_after_the_recipe_and_all_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  batch_size: 6\n  accum_steps: 4\n")
+    with pytest.raises(ValueError, match=rf"config {recipe}: train\.accum_steps=4 must divide"):
+        load_config(recipe)
+    cfg = load_config(recipe, ["train.batch_size=8"])  # fixed by the override: only the final values count
+    assert (cfg.train.batch_size, cfg.train.accum_steps) == (8, 4)
+
+
+def _numeric(annotation) -> bool:
+    """int/float, or an Optional / tuple of them (bool is not a number here)."""
+    if annotation in (int, float):
+        return True
+    return any(_numeric(a) for a in typing.get_args(annotation) if a is not Ellipsis)
+
+
+def test_every_numeric_field_has_a_range():
+    """A new numeric field must get a range in RUN_RANGES (or be listed here as deliberately unbounded)."""
+    unbounded = {"data.mean"}  # any normalisation mean is valid
+    cfg = RunConfig()
+    numeric = {
+        f"{section.name}.{name}"
+        for section in dataclasses.fields(cfg)
+        for name, hint in typing.get_type_hints(type(getattr(cfg, section.name))).items()
+        if _numeric(hint)
+    }
+    assert numeric - unbounded == set(RUN_RANGES)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
-import time
 
 import pytest
 import torch
@@ -24,16 +22,41 @@ def test_auto_threads_leaves_busy_cores_alone(monkeypatch, busy, local, expected
     assert trainer.auto_threads(local) == expected
 
 
-def test_busy_cores_sees_a_spinning_thread_and_not_a_finished_one():
-    stop = time.monotonic() + 1.0
+def _readings(*times: tuple[int, int]):
+    """A ``read_times`` that returns the given (total, idle) readings in turn."""
+    it = iter(times)
+    return lambda: next(it)
 
-    def spin() -> None:
-        while time.monotonic() < stop:
-            pass
 
-    worker = threading.Thread(target=spin)
-    worker.start()
-    during = trainer.busy_cores(0.4)
-    worker.join()
-    after = trainer.busy_cores(0.4)
-    assert during > after + 0.5  # one core spun during the first window only, whatever the 1-minute load says
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        ((1000, 900), (1200, 1100), 0.0),  # all 200 new ticks idle
+        ((1000, 900), (1200, 1000), 1.0),  # half of them busy, on 2 cores: one core
+        ((1000, 900), (1200, 900), 2.0),  # none idle: both cores
+        ((1000, 900), (1000, 900), 0.0),  # no tick between the readings (coarse clock): nothing known, not busy
+        ((1000, 900), (1200, 1300), 0.0),  # a counter that went backwards is clipped, never negative
+    ],
+)
+def test_busy_cores_from_two_readings(first, second, expected):
+    slept = []
+    got = trainer.busy_cores(0.25, read_times=_readings(first, second), sleep=slept.append, cores=2)
+    assert got == pytest.approx(expected)
+    assert slept == [0.25]  # the readings are one window apart
+
+
+def test_busy_cores_falls_back_to_the_load_average(monkeypatch):
+    def unreadable() -> tuple[int, int]:
+        raise OSError("no /proc/stat")
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 1.0, 0.5))
+    assert trainer.busy_cores(read_times=unreadable, sleep=lambda _: None) == 1.5
+
+
+def test_cpu_times_parses_the_cpu_line(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  10 1 5 100 4 0 2 0 0 0\ncpu0 5 0 2 50 2 0 1 0 0 0\n")
+    assert trainer.cpu_times(str(stat)) == (122, 104)  # total of the first 8 fields; idle + iowait
+    stat.write_text("intr 1 2\n")
+    with pytest.raises(ValueError):
+        trainer.cpu_times(str(stat))

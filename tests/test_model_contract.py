@@ -1,4 +1,4 @@
-"""The timm model contract (DESIGN §6), checked for every model of the zoo.
+"""The timm model contract, checked for every model of the zoo.
 
 Cheap checks (construction on the ``meta`` device, configs, metadata) run for every registered model; checks
 that run real forward/backward passes use the smallest model of each family (one per model file) on 64×64 inputs.
@@ -150,6 +150,27 @@ def test_device_dtype_arguments(name):
     model = timm.create_model(name, device="meta", dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("training", [False, True])
+def test_new_heads_keep_device_dtype_and_mode(name, training):
+    """reset_classifier / prune_intermediate_layers build new modules: they must match the model they join.
+
+    The check timm's own ``tests/test_models.py`` makes (``_assert_reset_classifier_preserves_parent_device_dtype``),
+    on the meta device in float64; also in train mode, and after pruning.
+    """
+    model = timm.create_model(name, device="meta").train(training)
+    model.to(dtype=torch.float64)
+    for num_classes, pool in ((0, None), (2, None), (3, "avg")):
+        model.reset_classifier(num_classes, global_pool=pool)
+        params = list(model.get_classifier().parameters())
+        assert bool(params) == (num_classes > 0)
+        assert {(p.device.type, p.dtype) for p in params} <= {("meta", torch.float64)}
+        assert [n for n, m in model.named_modules() if m.training != training] == []
+    model.prune_intermediate_layers(indices=[0, 1])
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.float64)}
+    assert [n for n, m in model.named_modules() if m.training != training] == []
 
 
 # --- smallest model of each family: real passes ----------------------------------------------------------------------

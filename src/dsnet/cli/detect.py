@@ -15,11 +15,12 @@ Several processes (DDP; gloo on CPU, nccl on CUDA; ``data.batch_size`` is the gl
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 from pathlib import Path
 
 from dsnet.cli._run_config import add_config_arguments, config_from_args, print_config
+from dsnet.cli.main import positive_int
 
 
 def _make_data(args: argparse.Namespace) -> int:
@@ -35,6 +36,7 @@ def _make_data(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from dsnet.detection.engine import load_detection_config, train
+    from dsnet.engine.report import strict_json
 
     cfg = config_from_args(args, load_detection_config)
     if cfg is not None and args.print_config:
@@ -42,19 +44,20 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result, indent=2))
+        print(strict_json(result, indent=2))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     from dsnet.detection.data import CocoDetection, split_paths
     from dsnet.detection.engine import evaluate, load_model
+    from dsnet.engine.report import strict_json
 
     model, cfg, _ = load_model(args.run, args.tag)
     root = args.data or cfg.data.root
     dataset = CocoDetection(*split_paths(root, args.split), masks=cfg.model.arch == "maskrcnn")
     metrics = evaluate(model, dataset, batch_size=cfg.data.batch_size, limit=args.limit, progress=True)
-    print(json.dumps(metrics, indent=2))
+    print(strict_json(metrics, indent=2))
     return 0
 
 
@@ -63,6 +66,7 @@ def _predict(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
+    from dsnet.data.images import ImageLoadError, load_image
     from dsnet.detection.engine import draw_predictions, load_model
     from dsnet.engine.inference import collect_images
 
@@ -76,9 +80,14 @@ def _predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if len(images) > 1:
         out.mkdir(parents=True, exist_ok=True)
+    failed = 0
     for path in images:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+        try:
+            array = np.asarray(load_image(path, "RGB"), dtype=np.uint8).copy()
+        except ImageLoadError as err:  # a per-file error, like `dsnet predict`
+            print(f"dsnet: warning: {err}", file=sys.stderr)
+            failed += 1
+            continue
         image = torch.from_numpy(array).permute(2, 0, 1).float() / 255  # (3, H, W)
         with torch.no_grad():
             output = model([image])[0]
@@ -87,7 +96,7 @@ def _predict(args: argparse.Namespace) -> int:
         Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target)
         kept = int((output["scores"] >= args.score_thresh).sum())
         print(f"{path}: {kept} objects with score >= {args.score_thresh} -> {target}")
-    return 0
+    return 1 if failed else 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -96,10 +105,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     m = sub.add_parser("make-data", help="write the built-in Fashion-MNIST detection set (COCO format)")
     m.add_argument("out", help="output folder")
-    m.add_argument("--train", type=int, default=2000, help="training images (default 2000)")
-    m.add_argument("--val", type=int, default=500, help="validation images (default 500)")
-    m.add_argument("--size", type=int, default=128, help="canvas side in pixels (default 128)")
-    m.add_argument("--max-objects", type=int, default=4, help="objects per image at most (default 4)")
+    m.add_argument("--train", type=positive_int, default=2000, help="training images (default 2000)")
+    m.add_argument("--val", type=positive_int, default=500, help="validation images (default 500)")
+    m.add_argument("--size", type=positive_int, default=128, help="canvas side in pixels (default 128)")
+    m.add_argument("--max-objects", type=positive_int, default=4, help="objects per image at most (default 4)")
     m.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     m.add_argument("--fashion-mnist", default=None, help="folder with the Fashion-MNIST IDX files")
     m.set_defaults(func=_make_data)
@@ -115,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--tag", default="best", help="checkpoint tag (best or last)")
     e.add_argument("--data", default=None, help="dataset root (default: the run's)")
     e.add_argument("--split", default="val", help="split to evaluate (default val)")
-    e.add_argument("--limit", type=int, default=None, help="first N images only")
+    e.add_argument("--limit", type=positive_int, default=None, help="first N images only")
     e.set_defaults(func=_eval)
 
     q = sub.add_parser("predict", help="draw boxes, labels and masks of a trained run onto images (PNG)")

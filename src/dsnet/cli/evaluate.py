@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 from typing import Any
+
+from dsnet.cli.main import positive_int
 
 
 def evaluate_checkpoint(
@@ -108,6 +109,8 @@ def evaluate_checkpoint(
 
 
 def run(args: argparse.Namespace) -> int:
+    from dsnet.engine.report import strict_json
+
     overrides = list(args.set or [])
     if args.data_dir:
         overrides.append(f"data.root={args.data_dir}")
@@ -124,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         quiet=args.json,
     )
     if args.json:
-        print(json.dumps({**result.to_dict(), "output": str(output)}, indent=2))
+        print(strict_json({**result.to_dict(), "output": str(output)}, indent=2))
         return 0
     print(f"top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}  ({result.num_samples} images)")
     width = max(len(c) for c in result.classes)
@@ -146,7 +149,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     p.add_argument("--tag", choices=("best", "last"), default="best", help="which checkpoint of a run folder")
     p.add_argument("--model", help="timm model name (for weights without dsnet metadata)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--output", help="folder for eval.json and confusion.png")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=run)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -106,13 +105,15 @@ def _model_kwargs(items: list[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dsnet.engine.report import strict_json
+
     kwargs = _model_kwargs(args.set)
     try:
         rows = collect(args.models, args.image_size, kwargs)
     except TypeError as err:  # an unknown model argument in --set
         raise ValueError(f"--set: {err}") from err
     if args.json:
-        print(json.dumps([asdict(r) for r in rows], indent=2))
+        print(strict_json([asdict(r) for r in rows], indent=2))
         return 0
     print(format_table(rows, args.image_size))
     print('\nMACs = multiply-accumulates of one forward pass (the papers\' "FLOPs"), attention included.')

@@ -20,6 +20,17 @@ class CLIError(Exception):
     """A user-facing error: printed as ``dsnet: error: <message>`` without a traceback, exit code 2."""
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type`` of counts that must be at least 1 (batch sizes, threads, top-k, image counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``dsnet`` argument parser with every subcommand registered."""
     from dsnet import __version__
@@ -41,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (CLIError, FileNotFoundError, ValueError) as err:
+        print(f"dsnet: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # unwritable output folder, full disk, permission denied...: the OS says which file
         print(f"dsnet: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

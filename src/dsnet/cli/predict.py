@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
+
+from dsnet.cli.main import positive_int
 
 
 def run(args: argparse.Namespace) -> int:
@@ -13,6 +14,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dsnet.engine.distributed import resolve_device
     from dsnet.engine.inference import collect_images, load_checkpoint, predict_files
+    from dsnet.engine.report import strict_json
     from dsnet.engine.trainer import auto_threads
 
     torch.set_num_threads(args.threads or auto_threads())
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     predictions = predict_files(model, info, files, top_k=args.top_k, batch_size=args.batch_size)
     failed = [p for p in predictions if p.error]
     if args.json:
-        print(json.dumps([dataclasses.asdict(p) for p in predictions], indent=2))
+        print(strict_json([dataclasses.asdict(p) for p in predictions], indent=2))
     else:
         width = min(max(len(p.path) for p in predictions), 60)
         for p in predictions:
@@ -49,13 +51,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("predict", help="top-k labels with probabilities for image files or folders")
     p.add_argument("checkpoint", help="run folder, .safetensors from dsnet train, or converted weights (with --model)")
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("--top-k", "-k", type=int, default=5, help="number of labels per image (default 5)")
+    p.add_argument("--top-k", "-k", type=positive_int, default=5, help="number of labels per image (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--ema", action="store_true", help="use the EMA weights")
     p.add_argument("--tag", choices=("best", "last"), default="best", help="which checkpoint of a run folder")
     p.add_argument("--model", help="timm model name (for weights without dsnet metadata)")
     p.add_argument("--classes", help="text file with one class name per line (for weights without dsnet metadata)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.set_defaults(func=run)

@@ -7,6 +7,11 @@ Conversions (``mode`` is the requested output, ``"RGB"`` or ``"L"``):
 * images with transparency (``RGBA``, ``LA``, ``P`` with a transparent colour) are composited over white;
 * ``CMYK``, ``YCbCr``, palette and grey images are converted by PIL (grey is replicated to three channels).
 
+Size limit: an image of more than :func:`max_image_pixels` pixels (default PIL's ``MAX_IMAGE_PIXELS``, about
+89 Mpx; the environment variable ``DSNET_MAX_IMAGE_PIXELS`` changes it) is refused from its header, before any
+pixel is decoded, like any other unreadable file: a 40000×40000 PNG of a few kB (a "decompression bomb") would
+otherwise take 4.8 GB as RGB.
+
 Example:
     >>> from PIL import Image
     >>> Image.new("I;16", (4, 4), 65535).save("/tmp/white16.png")
@@ -16,13 +21,24 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageLoadError", "load_image", "to_8bit"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_PIXELS_ENV",
+    "ImageLoadError",
+    "load_image",
+    "max_image_pixels",
+    "open_image",
+    "to_8bit",
+]
 
 #: File suffixes treated as images when folders are scanned.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -31,8 +47,66 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
+#: Environment variable with the largest number of pixels (width × height) an image may have.
+MAX_PIXELS_ENV = "DSNET_MAX_IMAGE_PIXELS"
+
+#: PIL's own default limit (it warns above it, refuses above twice it): 1024 × 1024 × 1024 // 4 // 3 pixels.
+_DEFAULT_MAX_PIXELS = 89_478_485
+
+
 class ImageLoadError(ValueError):
     """An image file that cannot be decoded; the message names the file and the reason."""
+
+
+def max_image_pixels() -> int:
+    """The pixel limit of :func:`load_image`: ``$DSNET_MAX_IMAGE_PIXELS`` if set, else about 89 Mpx (PIL's)."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return _DEFAULT_MAX_PIXELS
+    try:
+        value = int(float(raw))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"{MAX_PIXELS_ENV}={raw!r}: expected a positive number of pixels, e.g. 200000000")
+    return value
+
+
+@contextlib.contextmanager
+def _size_checked_by_us() -> Iterator[None]:
+    """PIL's own bomb check off while a header is read (ours, with a clearer message, runs right after)."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+@contextlib.contextmanager
+def open_image(path: str | Path, max_pixels: int | None = None) -> Iterator[Image.Image]:
+    """``PIL.Image.open(path)`` (header only, nothing decoded yet) refusing images larger than ``max_pixels``
+    (default :func:`max_image_pixels`).
+
+    Raises:
+        ImageLoadError: not an image, or over the pixel limit (the message names the file, its size and the limit).
+    """
+    limit = max_pixels or max_image_pixels()
+    try:
+        with _size_checked_by_us():
+            opened = Image.open(path)
+    except UnidentifiedImageError as err:
+        raise ImageLoadError(f"{path}: not an image file PIL can read") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageLoadError(f"{path}: corrupt or truncated image ({err})") from err
+    with opened:
+        width, height = opened.size
+        if width * height > limit:
+            raise ImageLoadError(
+                f"{path}: {width}x{height} = {width * height} pixels, over the limit of {limit} "
+                f"(a decompression bomb or an absurd size; set {MAX_PIXELS_ENV} to allow larger images)"
+            )
+        yield opened
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
@@ -64,7 +138,7 @@ def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
     """Open ``path`` as an 8-bit ``mode`` (``"RGB"`` or ``"L"``) PIL image, fully decoded.
 
     Raises:
-        ImageLoadError: empty, truncated, corrupt or non-image file (the message names the file).
+        ImageLoadError: empty, truncated, corrupt, non-image or too large file (the message names the file).
     """
     if mode not in ("RGB", "L"):
         raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
@@ -75,15 +149,15 @@ def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
         raise ImageLoadError(f"{path}: cannot read ({err.strerror or err})") from err
     if size == 0:
         raise ImageLoadError(f"{path}: empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+    with open_image(path) as opened:
+        try:
+            with warnings.catch_warnings(), _size_checked_by_us():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
                 opened.load()
                 image = ImageOps.exif_transpose(opened) or opened
                 image = _flatten_alpha(to_8bit(image))
                 return image.convert(mode)
-    except UnidentifiedImageError as err:
-        raise ImageLoadError(f"{path}: not an image file PIL can read") from err
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as err:
-        raise ImageLoadError(f"{path}: corrupt or truncated image ({err})") from err
+        except ImageLoadError:
+            raise
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+            raise ImageLoadError(f"{path}: corrupt or truncated image ({err})") from err

@@ -33,6 +33,7 @@ from PIL import Image
 from torch import Tensor
 
 from dsnet.data.datasets import sample_seed
+from dsnet.data.images import ImageLoadError, open_image
 
 __all__ = ["CocoDetection", "collate", "load_coco_json", "make_fashion_detection", "split_paths"]
 
@@ -175,9 +176,9 @@ class CocoDetection(torch.utils.data.Dataset):
         info = self.images[index]
         path = self.image_dir / info["file_name"]
         try:
-            with Image.open(path) as im:
+            with open_image(path) as im:  # refuses decompression bombs from the header
                 pil = im.convert("RGB")
-        except OSError as err:
+        except (OSError, ImageLoadError) as err:
             raise ValueError(f"cannot read image {path} (image id {info['id']}): {err}") from None
         width, height = pil.size
         if (width, height) != (info["width"], info["height"]):

@@ -35,7 +35,16 @@ import torch
 import yaml
 from torch import nn
 
-from dsnet.engine.config import load_typed_config
+from dsnet.engine.config import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    PROBABILITY,
+    Bound,
+    check_ranges,
+    load_typed_config,
+    model_min_input,
+)
 
 __all__ = [
     "DetectionConfig",
@@ -135,10 +144,49 @@ def load_detection_config(
     The same loader as classification runs (:func:`dsnet.engine.config.load_typed_config`): ``base:`` recipes,
     typed values, unknown keys named with the valid ones.
     """
-    cfg = load_typed_config(DetectionConfig, path, overrides)
+    cfg = load_typed_config(DetectionConfig, path, overrides, check=_check_detection)
     if cfg.model.arch not in ("retinanet", "maskrcnn"):
         raise ValueError(f"model.arch must be 'retinanet' or 'maskrcnn', got {cfg.model.arch!r}")
     return cfg
+
+
+#: Allowed values of every numeric field of :class:`DetectionConfig` (``None`` values are not checked).
+DETECTION_RANGES: dict[str, Bound] = {
+    "model.trainable_stages": Bound(0, 4),
+    "model.min_size": POSITIVE_INT,
+    "model.max_size": POSITIVE_INT,
+    "model.anchor_sizes": POSITIVE_INT,
+    "model.score_thresh": PROBABILITY,
+    "data.hflip": PROBABILITY,
+    "data.batch_size": POSITIVE_INT,
+    "data.workers": NON_NEGATIVE,
+    "data.max_train_images": POSITIVE_INT,
+    "data.max_val_images": POSITIVE_INT,
+    "optim.lr": POSITIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.epochs": POSITIVE_INT,
+    "optim.warmup_iters": NON_NEGATIVE,
+    "optim.warmup_ratio": Bound(0, 1, low_open=True),
+    "optim.decay_at": Bound(0, 1, low_open=True, high_open=True),
+    "optim.clip_grad": POSITIVE,
+    "run.seed": NON_NEGATIVE,
+    "run.threads": POSITIVE_INT,
+    "run.log_interval": POSITIVE_INT,
+    "run.ckpt_interval": NON_NEGATIVE,
+    "run.eval_interval": POSITIVE_INT,
+}
+
+
+def _check_detection(cfg: DetectionConfig, where: str) -> None:
+    check_ranges(cfg, DETECTION_RANGES, where)
+    if cfg.model.max_size < cfg.model.min_size:
+        raise ValueError(f"{where}: model.max_size={cfg.model.max_size} is below model.min_size={cfg.model.min_size}")
+    min_input = model_min_input(cfg.model.backbone)
+    if cfg.model.min_size < min_input:
+        raise ValueError(
+            f"{where}: model.min_size={cfg.model.min_size} is too small for {cfg.model.backbone}; "
+            f"it takes inputs of at least {min_input}x{min_input} px"
+        )
 
 
 def build_model(cfg: DetModelConfig, num_classes: int) -> nn.Module:
@@ -278,7 +326,7 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
     from dsnet.engine import checkpoint as ckpt
     from dsnet.engine.distributed import all_reduce_sum, barrier
     from dsnet.engine.evaluate import autocast_context
-    from dsnet.engine.report import MetricsLog, Progress
+    from dsnet.engine.report import MetricsLog, Progress, format_metric
     from dsnet.engine.trainer import atomic_json, make_run_dir, resolve_amp, set_threads, update_seed
 
     r, main, world = cfg.run, dist_info.is_main, dist_info.world_size
@@ -424,7 +472,9 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
             )
             log.write("eval", epoch=epoch + 1, update=update, **metrics)
             if main and r.progress:
-                print(f"epoch {epoch + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()), flush=True)
+                print(
+                    f"epoch {epoch + 1}: " + " ".join(f"{k}={format_metric(v)}" for k, v in metrics.items()), flush=True
+                )
             if metrics["bbox_AP"] > best:
                 best = metrics["bbox_AP"]
                 save("best", epoch + 1, 0, with_state=False)

@@ -5,7 +5,9 @@ A recipe is either nested (``optim: {lr: 0.001}``) or, for the zoo's ImageNet re
 
     dsnet train --config configs/fashion_mnist/dsnet_tiny.yaml --set optim.lr=0.002 --set sched.epochs=3
 
-Unknown keys raise :class:`ValueError` naming the key and the valid ones.
+Unknown keys raise :class:`ValueError` naming the key and the valid ones; so do values out of their allowed range
+(:data:`RUN_RANGES`, checked after the recipe and the overrides are applied) and YAML syntax errors (with the file,
+line and column).
 
 Example:
     >>> cfg = load_config(None, ["model.name=resnet18", "optim.lr=0.01"])
@@ -27,15 +29,20 @@ import yaml
 
 __all__ = [
     "FLAT_KEYS",
+    "RUN_RANGES",
+    "Bound",
     "DataConfig",
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
     "SchedConfig",
     "TrainConfig",
+    "check_ranges",
     "coerce_value",
     "load_config",
     "load_typed_config",
+    "model_min_input",
+    "read_yaml",
     "set_value",
     "valid_keys",
 ]
@@ -179,6 +186,133 @@ FLAT_KEYS: dict[str, str] = {
 }
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The allowed interval of a numeric config value (``None``: unbounded on that side)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: ``low`` itself is not allowed
+    high_open: bool = False  # True: ``high`` itself is not allowed
+
+    def __contains__(self, value: float) -> bool:
+        if value != value:  # NaN is in no range
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}" if self.high is not None else "any number"
+
+
+POSITIVE_INT = Bound(1)  # counts that must be at least 1: batch sizes, epochs, intervals
+NON_NEGATIVE = Bound(0)  # 0 meaning "off" or "none" is allowed
+POSITIVE = Bound(0, low_open=True)  # rates, sizes
+PROBABILITY = Bound(0, 1)
+UNIT_OPEN = Bound(0, 1, high_open=True)  # drop rates, decays: 1 would drop everything / never move
+
+#: Allowed values of every numeric field of :class:`RunConfig` (``None`` values are not checked).
+RUN_RANGES: dict[str, Bound] = {
+    "model.num_classes": POSITIVE_INT,
+    "model.in_chans": POSITIVE_INT,
+    "model.drop_path": UNIT_OPEN,
+    "model.drop_rate": UNIT_OPEN,
+    "data.input_size": POSITIVE_INT,
+    "data.crop_pct": Bound(0, 1, low_open=True),
+    "data.std": POSITIVE,
+    "data.scale": Bound(0, 1, low_open=True),
+    "data.ratio": POSITIVE,
+    "data.hflip": PROBABILITY,
+    "data.color_jitter": NON_NEGATIVE,
+    "data.reprob": PROBABILITY,
+    "data.mixup": NON_NEGATIVE,
+    "data.cutmix": NON_NEGATIVE,
+    "data.mixup_prob": PROBABILITY,
+    "data.mixup_switch_prob": PROBABILITY,
+    "data.label_smoothing": UNIT_OPEN,
+    "data.workers": NON_NEGATIVE,
+    "data.max_train_samples": POSITIVE_INT,
+    "data.max_val_samples": POSITIVE_INT,
+    "optim.lr": POSITIVE,
+    "optim.lr_base_batch": NON_NEGATIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.momentum": Bound(0, 1, high_open=True),
+    "optim.betas": Bound(0, 1, high_open=True),
+    "optim.eps": POSITIVE,
+    "optim.clip_grad": POSITIVE,
+    "sched.epochs": POSITIVE_INT,
+    "sched.updates": POSITIVE_INT,
+    "sched.warmup_epochs": NON_NEGATIVE,
+    "sched.warmup_lr": NON_NEGATIVE,
+    "sched.min_lr": NON_NEGATIVE,
+    "train.batch_size": POSITIVE_INT,
+    "train.accum_steps": POSITIVE_INT,
+    "train.seed": NON_NEGATIVE,
+    "train.threads": POSITIVE_INT,
+    "train.ema": Bound(0, 1, high_open=True),
+    "train.log_interval": POSITIVE_INT,
+    "train.ckpt_interval": NON_NEGATIVE,
+    "train.eval_interval": POSITIVE_INT,
+    "train.max_bad_files": NON_NEGATIVE,
+}
+
+
+def check_ranges(cfg: Any, ranges: typing.Mapping[str, Bound], where: str = "config") -> None:
+    """Raise ValueError for the first ``section.key`` of ``cfg`` whose value (or an item of it) is out of range."""
+    for dotted, bound in ranges.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if item is not None and item not in bound:
+                raise ValueError(f"{where}: {dotted}={value!r} is out of range; expected {bound}")
+
+
+def model_min_input(name: str) -> int:
+    """Smallest square input side the model ``name`` takes: the zoo's pyramids need 32 px (four downsamplings
+    4, 2, 2, 2 must leave one pixel), other timm models their pretrained config's ``min_input_size`` (else 1)."""
+    from dsnet.models import list_zoo
+    from dsnet.models.dsnet import MIN_INPUT_SIZE
+
+    if name in list_zoo():
+        return MIN_INPUT_SIZE
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:
+        return 1
+    min_size = getattr(cfg, "min_input_size", None) if cfg is not None else None
+    return int(min(min_size[1:])) if min_size else 1
+
+
+def _check_run(cfg: RunConfig, where: str) -> None:
+    """Range checks of :data:`RUN_RANGES`, then the rules between fields."""
+    check_ranges(cfg, RUN_RANGES, where)
+    t, d = cfg.train, cfg.data
+    if t.batch_size % t.accum_steps:
+        raise ValueError(
+            f"{where}: train.accum_steps={t.accum_steps} must divide train.batch_size={t.batch_size} "
+            "(the global batch is split into equal micro-batches)"
+        )
+    for key in ("scale", "ratio"):
+        low, high = getattr(d, key)
+        if low > high:
+            raise ValueError(f"{where}: data.{key}={[low, high]} must be [low, high] with low <= high")
+    if d.mean is not None and d.std is not None and len(d.mean) != len(d.std):
+        raise ValueError(f"{where}: data.mean has {len(d.mean)} values but data.std has {len(d.std)}")
+    min_input = model_min_input(cfg.model.name)
+    if d.input_size < min_input:
+        raise ValueError(
+            f"{where}: data.input_size={d.input_size} is too small for {cfg.model.name}; "
+            f"it takes inputs of at least {min_input}x{min_input} px"
+        )
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -295,17 +429,20 @@ def load_typed_config(
     *,
     rename: typing.Callable[[str, Any], tuple[str, Any]] | None = None,
     aliases: typing.Iterable[str] = (),
+    check: typing.Callable[[ConfigT, str], None] | None = None,
 ) -> ConfigT:
     """A sectioned config dataclass from its defaults, then the YAML recipe at ``path``, then ``key=value`` overrides.
 
     ``config_class`` holds one dataclass per section (``RunConfig``, ``DetectionConfig``...). A recipe is a mapping
     of sections (or, with ``rename``, of flat keys that ``rename`` maps to ``section.key``); it may hold
     ``base: other.yaml`` (relative to itself) to start from another recipe. Overrides are ``section.key=value``
-    with YAML values. ``aliases`` are extra accepted names offered in "did you mean" hints.
+    with YAML values. ``aliases`` are extra accepted names offered in "did you mean" hints. ``check(cfg, where)``
+    validates the result (ranges, rules between fields) and raises ValueError.
 
     Raises:
         FileNotFoundError: the recipe does not exist.
-        ValueError: an unknown key (the message lists the valid ones), a badly typed value or a malformed override.
+        ValueError: an unknown key (the message lists the valid ones), a badly typed value, a value out of range,
+            a YAML syntax error (file, line, column) or a malformed override.
     """
     cfg = config_class()
     sections = set(_section_fields(cfg))
@@ -322,8 +459,28 @@ def load_typed_config(
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.002)")
         key, raw = item.split("=", 1)
-        assign(key.strip(), yaml.safe_load(raw) if raw.strip() else None, "--set")
+        assign(key.strip(), read_yaml(raw, f"--set {key.strip()}") if raw.strip() else None, "--set")
+    if check is not None:
+        where = "config" + (f" {path}" if path is not None else "") + (" with --set" if overrides else "")
+        check(cfg, where)
     return cfg
+
+
+def read_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)``; a syntax error becomes a one-line ValueError: ``where:line:column: problem``, plus
+    where the construct that failed began (the unclosed ``[``, say)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        message = f"{where}{at}: YAML syntax error: {err.problem or err.context or 'invalid YAML'}"
+        if err.context and err.context_mark is not None and err.problem:
+            cm = err.context_mark
+            message += f" ({err.context} started at line {cm.line + 1}, column {cm.column + 1})"
+        raise ValueError(message) from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{where}: YAML error: {err}") from None
 
 
 def _flat_recipe_key(key: str, value: Any) -> tuple[str, Any]:
@@ -338,7 +495,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
     Nested and flat (:data:`FLAT_KEYS`) recipe keys are both accepted; see :func:`load_typed_config`.
     """
-    return load_typed_config(RunConfig, path, overrides, rename=_flat_recipe_key, aliases=FLAT_KEYS)
+    return load_typed_config(RunConfig, path, overrides, rename=_flat_recipe_key, aliases=FLAT_KEYS, check=_check_run)
 
 
 def _flatten(tree: dict[str, Any], sections: set[str], prefix: str = "") -> list[tuple[str, Any]]:
@@ -357,7 +514,11 @@ def _read_recipe(path: Path, sections: set[str], seen: tuple[Path, ...] = ()) ->
         raise FileNotFoundError(f"config file {path} does not exist")
     if path.resolve() in seen:
         raise ValueError(f"config {path}: circular 'base' chain")
-    tree = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"config {path}: cannot read it ({err})") from None
+    tree = read_yaml(text, str(path)) or {}
     if not isinstance(tree, dict):
         raise ValueError(f"config {path}: expected a mapping at the top level, got {type(tree).__name__}")
     items: list[tuple[str, Any]] = []

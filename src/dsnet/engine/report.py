@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -11,7 +13,38 @@ from typing import Any
 
 import torch
 
-__all__ = ["MetricsLog", "Progress", "plot_confusion", "plot_curves"]
+__all__ = ["MetricsLog", "Progress", "format_metric", "plot_confusion", "plot_curves", "strict_json"]
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with NaN/±inf floats as None, dataclasses as dicts, tuples as lists, other objects as str."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _jsonable(value.item())
+    return str(value)
+
+
+def strict_json(value: Any, indent: int | None = None) -> str:
+    """Strict JSON text (RFC 8259) for every file and output of the project: an undefined number (NaN, ±inf,
+    e.g. COCO's AP of an empty size bucket) becomes ``null``, which jq, JavaScript and other non-Python readers
+    accept, where Python's default would write ``NaN``."""
+    return json.dumps(_jsonable(value), indent=indent, allow_nan=False)
+
+
+def format_metric(value: float | None, spec: str = ".3f") -> str:
+    """A metric for a table or log line; ``n/a`` when it is undefined (None or NaN)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return format(value, spec)
 
 
 class MetricsLog:
@@ -24,14 +57,14 @@ class MetricsLog:
         if not self.enabled:
             return
         with open(self.path, "a") as handle:
-            handle.write(json.dumps({"kind": kind, "time": round(time.time(), 3), **values}) + "\n")
+            handle.write(strict_json({"kind": kind, "time": round(time.time(), 3), **values}) + "\n")
 
     def truncate_after(self, update: int) -> None:
         """Drop records written after optimizer update ``update`` (a resumed run rewrites them)."""
         if not self.enabled or not self.path.exists():
             return
         kept = [r for r in self.read() if r.get("update", 0) <= update]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.path.write_text("".join(strict_json(r) + "\n" for r in kept))
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():

@@ -17,8 +17,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
 import os
 import random
@@ -42,7 +40,7 @@ from dsnet.engine import checkpoint as ckpt
 from dsnet.engine.config import RunConfig, load_config
 from dsnet.engine.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
 from dsnet.engine.evaluate import EvalResult, autocast_context, evaluate
-from dsnet.engine.report import MetricsLog, Progress, plot_confusion, plot_curves
+from dsnet.engine.report import MetricsLog, Progress, plot_confusion, plot_curves, strict_json
 
 __all__ = [
     "NonFiniteLossError",
@@ -87,20 +85,33 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"unknown train.amp {amp!r}; expected auto, none, bf16 or fp16")
 
 
-def busy_cores(window: float = 0.3) -> float:
-    """Cores in use right now, from ``/proc/stat`` sampled over ``window`` seconds (the 1-minute load average where
-    ``/proc/stat`` does not exist). The load average lags by a minute: right after a finished job it still reports
-    the cores busy, and a new run would start on too few threads."""
+def cpu_times(stat_path: str = "/proc/stat") -> tuple[int, int]:
+    """(total, idle) CPU time of all cores so far, in clock ticks, from the first line of ``/proc/stat``."""
+    with open(stat_path) as handle:
+        values = [int(v) for v in handle.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    if len(values) < 5:
+        raise ValueError(f"{stat_path}: not a cpu line")
+    return sum(values), values[3] + values[4]
 
-    def snapshot() -> tuple[int, int]:
-        with open("/proc/stat") as handle:
-            values = [int(v) for v in handle.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-        return sum(values), values[3] + values[4]
 
+def busy_cores(
+    window: float = 0.3,
+    *,
+    read_times: Callable[[], tuple[int, int]] = cpu_times,
+    sleep: Callable[[float], None] = time.sleep,
+    cores: int | None = None,
+) -> float:
+    """Cores in use right now: two ``read_times()`` readings (total, idle) ``window`` seconds apart (by default
+    ``/proc/stat``), or the 1-minute load average where they cannot be read. The load average lags by a minute:
+    right after a finished job it still reports the cores busy, and a new run would start on too few threads.
+
+    ``read_times``, ``sleep`` and ``cores`` (default ``os.cpu_count()``) are injectable so the arithmetic can be
+    tested on given readings rather than on the load of the machine running the test.
+    """
     try:
-        total0, idle0 = snapshot()
-        time.sleep(window)
-        total1, idle1 = snapshot()
+        total0, idle0 = read_times()
+        sleep(window)
+        total1, idle1 = read_times()
     except (OSError, ValueError, IndexError):
         try:
             return os.getloadavg()[0]
@@ -108,7 +119,8 @@ def busy_cores(window: float = 0.3) -> float:
             return 0.0
     if total1 <= total0:
         return 0.0
-    return (os.cpu_count() or 1) * (1.0 - (idle1 - idle0) / (total1 - total0))
+    busy_share = 1.0 - (idle1 - idle0) / (total1 - total0)
+    return (cores or os.cpu_count() or 1) * min(1.0, max(0.0, busy_share))
 
 
 def auto_threads(local_processes: int = 1) -> int:
@@ -592,12 +604,4 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
 
 
 def atomic_json(path: Path, value: Any) -> None:
-    ckpt.atomic_write(path, lambda p: p.write_text(json.dumps(value, indent=2, default=_json_default)))
-
-
-def _json_default(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return str(value)
+    ckpt.atomic_write(path, lambda p: p.write_text(strict_json(value, indent=2)))

@@ -108,10 +108,12 @@ class StagedBackboneMixin:
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier by a fresh one with ``num_classes`` outputs (0: none); optionally change pooling.
 
-        The new classifier is created on the device and in the dtype of the model's parameters.
+        The new classifier is created on the device and in the dtype of the model's parameters, and in the
+        model's train/eval mode (a fresh module is in train mode; an eval model must not get a training head).
         """
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool, **get_device_dtype(self))
+        self.head.train(self.training)
 
     def forward_intermediates(
         self,
@@ -170,11 +172,14 @@ class StagedBackboneMixin:
         """
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         prune_end = max_index < len(self.stages) - 1
+        # slicing builds a new Sequential and Identity() is new: both start in train mode, match the model's
         self.stages = self.stages[: max_index + 1]
+        self.stages.training = self.training
         if prune_norm or prune_end:
-            self.norm = nn.Identity()
+            self.norm = nn.Identity().train(self.training)
         if prune_end:
             self.num_features = self.feature_info[max_index]["num_chs"]
         if prune_head or prune_end:
             self._prune_head()
+            self.head.train(self.training)  # a rebuilt head starts in train mode
         return take_indices
