@@ -11,8 +11,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
   .venv/bin/python -m pip install --quiet --upgrade pip
 fi
-echo "[setup] installing dsnet (editable) with extras export, convert, detection, dev"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[export,convert,detection,dev]"
+echo "[setup] installing dsnet (editable) with extras export, deploy, convert, detection, dev"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[export,deploy,convert,detection,dev]"
 
 if [ "${1:-}" = "--with-data" ]; then
   if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
