@@ -90,7 +90,7 @@ def test_predict_backends_give_the_torch_top1(exported, capsys):
 
 
 def test_int8_artefact_runs_and_eval_reports_accuracy(exported, capsys, tmp_path):
-    run_dir, root, paths = exported
+    _, _, paths = exported
     sidecar = json.loads((paths["int8"].parent / "m.int8.onnx.json").read_text())
     assert sidecar["int8"] is True and sidecar["classes"] == ["circle", "square", "stripes"][: len(sidecar["classes"])]
     assert main(["eval", str(paths["int8"]), "--json", "--output", str(tmp_path / "ev")]) == 0
