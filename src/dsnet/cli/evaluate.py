@@ -22,10 +22,13 @@ def evaluate_checkpoint(
     batch_size: int = 128,
     output: str | Path | None = None,
     quiet: bool = False,
+    backend: str | None = None,
 ) -> tuple[Any, Path]:
-    """Evaluate ``checkpoint`` (run folder, ``.safetensors``, or converted weights with ``model_name``).
+    """Evaluate ``checkpoint`` (run folder, ``.safetensors``, converted weights with ``model_name``, or an artefact of
+    ``dsnet export`` run by ``backend``: onnxruntime or openvino, by default from its suffix).
 
-    The dataset comes from the run folder's ``config.yaml``, else from ``config``; ``overrides`` apply on top.
+    The dataset comes from the run folder's ``config.yaml`` (for an artefact: that of the run it was exported from),
+    else from ``config``; ``overrides`` apply on top.
     Returns ``(EvalResult, output folder)``; the folder receives ``eval.json`` and ``confusion.png``.
     """
     from datetime import datetime, timezone
@@ -34,6 +37,7 @@ def evaluate_checkpoint(
 
     from dsnet.data.build import build_dataset
     from dsnet.data.datasets import ShardedEpochSampler, TransformedDataset, collate_with_bad_files
+    from dsnet.deploy.runtime import guess_backend, load_for_inference, read_artefact_info
     from dsnet.engine.config import load_config
     from dsnet.engine.distributed import resolve_device
     from dsnet.engine.evaluate import evaluate
@@ -42,7 +46,11 @@ def evaluate_checkpoint(
     from dsnet.engine.trainer import atomic_json, resolve_amp
 
     checkpoint = Path(checkpoint)
+    backend = backend or guess_backend(checkpoint)
     run_config = checkpoint / "config.yaml" if checkpoint.is_dir() else None
+    if backend != "torch" and checkpoint.is_file():
+        run_dir = read_artefact_info(checkpoint).run_dir
+        run_config = run_dir / "config.yaml" if run_dir is not None else None
     if config is None and run_config is not None and run_config.is_file():
         config = run_config
     cfg = load_config(config, overrides)
@@ -51,7 +59,11 @@ def evaluate_checkpoint(
         from dsnet.engine.trainer import auto_threads
 
         torch.set_num_threads(cfg.train.threads or auto_threads())
-    model, info = load_checkpoint(checkpoint, ema=ema, tag=tag, model_name=model_name, device=device)
+    if backend == "torch":
+        model, info = load_checkpoint(checkpoint, ema=ema, tag=tag, model_name=model_name, device=device)
+    else:
+        model, info = load_for_inference(checkpoint, backend=backend)
+        device = torch.device("cpu")
     if not info.has_preprocessing:  # converted weights: the recipe says how images are prepared
         from dsnet.data.build import normalization
 
@@ -88,20 +100,29 @@ def evaluate_checkpoint(
         loader,
         info.num_classes,
         device=device,
-        amp_dtype=resolve_amp(cfg.train.amp, device),
+        amp_dtype=resolve_amp(cfg.train.amp, device) if backend == "torch" else None,
         classes=dataset.classes,
         progress=progress,
     )
     progress.close()
     if output is None:
-        if info.run_dir is not None:
+        if backend != "torch":
+            output = checkpoint.parent / f"eval-{checkpoint.name}-{backend}-{split}"
+        elif info.run_dir is not None:
             output = info.run_dir / f"eval-{split}{'-ema' if ema else ''}"
         else:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
             output = Path(cfg.train.output_dir) / f"eval-{info.model}-{stamp}"
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    record = {"checkpoint": str(info.path), "model": info.model, "split": split, "ema": ema, **result.to_dict()}
+    record = {
+        "checkpoint": str(info.path),
+        "model": info.model,
+        "backend": backend,
+        "split": split,
+        "ema": ema,
+        **result.to_dict(),
+    }
     atomic_json(output / "eval.json", record)
     title = f"{info.model}{' (EMA)' if ema else ''}: top-1 {result.top1:.2f}% on {result.num_samples} images"
     plot_confusion(result.confusion, dataset.classes, output / "confusion.png", title)
@@ -125,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         output=args.output,
         quiet=args.json,
+        backend=args.backend,
     )
     if args.json:
         print(strict_json({**result.to_dict(), "output": str(output)}, indent=2))
@@ -141,7 +163,15 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="top-1/top-5/per-class accuracy of a checkpoint and a confusion matrix")
-    p.add_argument("checkpoint", help="run folder, .safetensors from dsnet train, or converted weights (with --model)")
+    p.add_argument(
+        "checkpoint",
+        help="run folder, .safetensors from dsnet train, converted weights (with --model), or a dsnet export artefact",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime", "openvino"),
+        help="what runs the model (default: torch for checkpoints, by suffix for .onnx / .xml artefacts)",
+    )
     p.add_argument("--config", "-c", help="recipe giving the dataset (default: the run folder's config.yaml)")
     p.add_argument("--set", "-s", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.add_argument("--data-dir", help="dataset folder (same as --set data.root=DIR)")

@@ -183,10 +183,13 @@ class Prediction:
 def predict_files(
     model: nn.Module, info: CheckpointInfo, files: list[Path], *, top_k: int = 5, batch_size: int = 32
 ) -> list[Prediction]:
-    """Top-``top_k`` classes with softmax probabilities for each file; unreadable files get ``error``."""
+    """Top-``top_k`` classes with softmax probabilities for each file; unreadable files get ``error``.
+
+    ``model`` is any module mapping a batch to logits: PyTorch, or a runtime of :mod:`dsnet.deploy.runtime`.
+    """
     transform = info.transform()
     mode = "L" if info.in_chans == 1 else "RGB"
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device  # a runtime backend has no parameters: CPU
     k = min(top_k, info.num_classes)
     results: list[Prediction] = []
     batch: list[tuple[Prediction, torch.Tensor]] = []

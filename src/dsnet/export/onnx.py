@@ -22,6 +22,7 @@ import contextlib
 import io
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,12 +146,20 @@ def export_onnx(
 
 
 @torch.no_grad()
-def check_onnx(model: nn.Module, path: str | os.PathLike[str], shapes: list[tuple[int, ...]]) -> list[ParityCheck]:
-    """Run the ONNX file at ``path`` in onnxruntime on random inputs of each shape; compare with ``model``."""
-    import onnxruntime as ort
+def check_onnx(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    shapes: list[tuple[int, ...]],
+    runner: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> list[ParityCheck]:
+    """Run the file at ``path`` on random inputs of each shape; compare with ``model``.
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
+    ``runner`` runs the file (any backend of :mod:`dsnet.deploy.runtime`); default an onnxruntime session.
+    """
+    if runner is None:
+        from dsnet.deploy.runtime import OnnxRuntimeModel
+
+        runner = OnnxRuntimeModel(path)
     model = model.eval()
     generator = torch.Generator().manual_seed(0)
     checks = []
@@ -159,7 +168,6 @@ def check_onnx(model: nn.Module, path: str | os.PathLike[str], shapes: list[tupl
         expected = model(x)
         if isinstance(expected, (list, tuple)):
             expected = expected[0]
-        got = session.run(None, {input_name: x.numpy()})[0]
-        diff = float((expected - torch.from_numpy(got)).abs().max())
+        diff = float((expected - runner(x)).abs().max())
         checks.append(ParityCheck(shape=tuple(shape), max_abs_diff=diff))
     return checks
