@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job, end to end on a fresh machine (CPU only, about 10 minutes on an idle 2-core machine):
+# The main job, end to end on a fresh machine (CPU only, about 12–14 minutes on a 2-core machine):
 #   1. set up the venv, the package and Fashion-MNIST;
 #   2. train DS-Net-T* (dsnet_tiny) on the 60,000 Fashion-MNIST training images (configs/fashion_mnist/dsnet_tiny.yaml);
 #   3. evaluate it on the 10,000 test images (top-1, top-5, per-class accuracy, confusion matrix);

@@ -34,15 +34,18 @@ def _batch_norms(model: nn.Module) -> int:
 @pytest.mark.parametrize("name", list_zoo())
 @torch.no_grad()
 def test_fused_logits_match_every_zoo_model(name):
+    torch.manual_seed(0)  # the weights, not only the norms, must not depend on the tests that ran before
     generator = torch.Generator().manual_seed(0)
     model = _trained_like_norms(timm.create_model(name, num_classes=10), generator)
     before = _batch_norms(model)
     fused = fuse(model)
     x = torch.randn(2, 3, 64, 64, generator=generator)
-    assert (fused(x) - model(x)).abs().max() <= 1e-4
+    reference = model(x)
+    # float32 rounding of a fold grows with the logits' size (~70 for dsnet_base here): 1e-4 relative to the largest
+    assert (fused(x) - reference).abs().max() <= 1e-4 * max(1.0, reference.abs().max().item())
     assert _batch_norms(model) == before, "fuse() must not change its argument"
     # the folds happened: most norms are gone, and the counter says how many
-    assert 0 < _batch_norms(fused) < before / 2 + 1
+    assert _batch_norms(fused) < before / 2 + 1
     assert fused.fused_norms > 0 and not fused.training
 
 
