@@ -113,7 +113,8 @@ class DetRunConfig:
 
     seed: int = 0  # initialisation, data order, flips, the detectors' own samplers
     device: str = "auto"  # "auto" (cuda:<local rank> if available, else cpu), "cpu", "cuda", ...
-    amp: str = "auto"  # "auto" (bf16 on cuda with bf16 support, else off), "none", "bf16", "fp16" (cuda)
+    amp: str = "auto"  # "auto" (bf16 on cuda with bf16, else off), "native" (also bf16 on CPUs with AVX512-BF16/AMX),
+    # "none", "bf16", "fp16" (cuda); see dsnet.engine.trainer.resolve_amp
     threads: int | None = None  # torch CPU threads per process; None: dsnet.engine.trainer.auto_threads
     output_dir: str = "runs"
     name: str | None = None  # run name; the folder is <name>-<timestamp>; None: "<arch>-<backbone>-<neck>"

@@ -48,6 +48,7 @@ __all__ = [
     "build_model",
     "busy_cores",
     "check_model_name",
+    "cpu_has_native_bf16",
     "make_run_dir",
     "resolve_amp",
     "set_threads",
@@ -64,25 +65,45 @@ class NonFiniteLossError(ValueError):
     """The training loss became NaN or infinite."""
 
 
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag of Linux's ``cpuinfo``).
+
+    Without those instructions oneDNN emulates bf16 and is slower than fp32. ``False`` where ``cpuinfo`` cannot be
+    read (other operating systems)."""
+    try:
+        with open(cpuinfo) as handle:
+            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_amp(amp: str, device: torch.device, *, cpuinfo: str = "/proc/cpuinfo") -> torch.dtype | None:
     """The autocast dtype for ``train.amp`` on ``device`` (``None``: full fp32).
 
-    ``auto`` picks bf16 on CUDA devices that support it and fp32 on CPU. On CPU, bf16 pays off only with native
-    bf16 instructions: dsnet_tiny at 32 px trained 12 % faster with bf16 on an AVX512-BF16 CPU without AMX
-    (315 vs 281 images per CPU-second, one thread), while CPUs without them emulate bf16 and slow down;
-    so bf16 on CPU is opt-in (``train.amp=bf16``).
+    * ``auto``: bf16 on CUDA devices that support it, fp32 on CPU;
+    * ``native``: bf16 wherever the hardware has bf16 arithmetic: CUDA devices that support it, and CPUs with
+      AVX512-BF16 or AMX (:func:`cpu_has_native_bf16`); fp32 elsewhere. Training on a CPU without those instructions
+      would emulate bf16 and run slower than fp32, hence the check; ``benchmarks/train_throughput.py --amp`` measures
+      the gain on a given machine;
+    * ``bf16`` (any device), ``fp16`` (CUDA only, with a gradient scaler), ``none``.
+
+    bf16 on CPU is not the default because of a oneDNN defect in torch 2.14.1: the bf16 weight gradient of a
+    stride-2 3×3 convolution applied to a 1×1 map comes out non-finite (RetinaNet's P7 on images of 64 px or less).
     """
     if amp == "none":
         return None
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if amp in ("auto", "native"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if amp == "native" and device.type == "cpu" and cpu_has_native_bf16(cpuinfo) else None
     if amp == "bf16":
         return torch.bfloat16
     if amp == "fp16":
         if device.type != "cuda":
             raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 or none on CPU")
         return torch.float16
-    raise ValueError(f"unknown train.amp {amp!r}; expected auto, none, bf16 or fp16")
+    raise ValueError(f"unknown train.amp {amp!r}; expected auto, native, none, bf16 or fp16")
 
 
 def cpu_times(stat_path: str = "/proc/stat") -> tuple[int, int]:
