@@ -107,6 +107,29 @@ def _top1(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} ({', '.join(f'{v:.2f}' for v in values)})"
 
 
+def write_table(rows: list[tuple[str, ...]], minutes_trained: list[float], args, size: int, chans: int) -> str:
+    """The markdown table of the runs so far, written to ``args.out`` (after every model: an interrupted comparison
+    keeps what it measured)."""
+    spread = (max(minutes_trained) / min(minutes_trained) - 1) * 100 if minutes_trained else 0.0
+    header = (
+        f"Fashion-MNIST, recipe {RECIPE.relative_to(ROOT)}, {size} px, {chans} channel(s), {args.minutes:g} min "
+        f"of training per run, {torch.get_num_threads()} CPU thread(s); test top-1 on {args.val_samples or 10000} "
+        f"test images. Minutes trained: {min(minutes_trained, default=0):.2f} to {max(minutes_trained, default=0):.2f} "
+        f"(longest/shortest - 1 = {spread:.1f} %)."
+    )
+    lines = [
+        header,
+        "",
+        "| model | test top-1 (%) | params (M) | MMACs | train img/s | minutes trained | epochs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    table = "\n".join(lines)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(table + "\n")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0, help="training budget per model (default 10)")
@@ -174,24 +197,8 @@ def main() -> None:
                 f"{updates * batch / TRAIN_IMAGES:.3g}",
             )
         )
-    spread = (max(minutes_trained) / min(minutes_trained) - 1) * 100 if minutes_trained else 0.0
-    header = (
-        f"Fashion-MNIST, recipe {RECIPE.relative_to(ROOT)}, {size} px, {chans} channel(s), {args.minutes:g} min "
-        f"of training per run, {torch.get_num_threads()} CPU thread(s); test top-1 on {args.val_samples or 10000} "
-        f"test images. Minutes trained: {min(minutes_trained, default=0):.2f} to {max(minutes_trained, default=0):.2f} "
-        f"(longest/shortest - 1 = {spread:.1f} %)."
-    )
-    lines = [
-        header,
-        "",
-        "| model | test top-1 (%) | params (M) | MMACs | train img/s | minutes trained | epochs |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    table = "\n".join(lines)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(table + "\n")
-    print(table)
+        write_table(rows, minutes_trained, args, size, chans)
+    print(write_table(rows, minutes_trained, args, size, chans))
 
 
 if __name__ == "__main__":
