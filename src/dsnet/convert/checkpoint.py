@@ -11,7 +11,6 @@ import argparse
 import hashlib
 import os
 import pickle
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -192,24 +191,32 @@ def load_torch_checkpoint(
 def save_safetensors_atomic(
     state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Write ``state_dict`` to ``path`` as safetensors via a temporary file in the same folder and an atomic rename,
-    so that ``path`` is never left half-written. Tensors are made contiguous; shared storage is cloned."""
-    from safetensors.torch import save_file
+    """Write ``state_dict`` to ``path`` as safetensors with :func:`dsnet._io.atomic_write` (never half-written, the
+    folder's usual permissions, read back before it replaces ``path``). Tensors are made contiguous; shared storage
+    is cloned.
 
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{path}: the output folder {folder} does not exist")
+    Raises:
+        FileNotFoundError: the output folder does not exist.
+        OSError: the folder is not writable or the disk is full (one line naming ``path``).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from dsnet._io import atomic_write
+
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=dict(metadata or {}))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    data = save(tensors, metadata=dict(metadata or {}))
+
+    def write(tmp: object) -> None:
+        with open(tmp, "wb") as handle:  # type: ignore[call-overload]
+            handle.write(data)
+
+    def verify(tmp: object) -> None:
+        with safe_open(os.fspath(tmp), framework="pt") as handle:  # type: ignore[arg-type]
+            if len(handle.keys()) != len(tensors):
+                raise OSError(f"{path}: the file read back is not the one just written")
+
+    atomic_write(path, write, verify=verify, make_parents=False)
 
 
 def count_parameters(state_dict: Mapping[str, torch.Tensor], skip: Iterable[str] = ()) -> int:

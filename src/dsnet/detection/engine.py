@@ -35,6 +35,7 @@ import torch
 import yaml
 from torch import nn
 
+from dsnet._io import atomic_write_text
 from dsnet.engine.config import (
     NON_NEGATIVE,
     POSITIVE,
@@ -350,9 +351,9 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
     start_epoch, start_in_epoch, update, best = 0, 0, 0, -math.inf
     train_seconds = 0.0
     if resume_dir is not None:
-        state, weights_path = ckpt.load_training_state(resume_dir / "checkpoints")
-        model.load_state_dict(ckpt.load_weights(weights_path)[0])
-        state = ckpt.restore_training_state(state, optimizer, scheduler, scaler)
+        point = ckpt.load_resume_point(resume_dir / "checkpoints", log=print if main else None)
+        model.load_state_dict(point.weights)
+        state = ckpt.restore_training_state(point.state, optimizer, scheduler, scaler)
         start_epoch, start_in_epoch, update = state["epoch"], state["update_in_epoch"], state["update"]
         best, train_seconds = state["best"], state["train_seconds"]
         run_dir = resume_dir
@@ -362,7 +363,7 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
     ckpt_dir = run_dir / "checkpoints"
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
     if main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         log.truncate_after(update)  # a resumed run rewrites what came after its last checkpoint
         n_params = sum(p.numel() for p in model.parameters())
         print(

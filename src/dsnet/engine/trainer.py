@@ -34,6 +34,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dsnet._io import atomic_write_text
 from dsnet.data.build import PIPELINES, build_dataset, build_tensor_batches, build_transform, normalization
 from dsnet.data.datasets import ShardedEpochSampler, TransformedDataset, collate_with_bad_files
 from dsnet.engine import checkpoint as ckpt
@@ -360,23 +361,22 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
     elapsed_train, samples_seen = 0.0, 0
     if resume_dir is not None:
         run_dir = resume_dir
-        state, weights_path = ckpt.load_training_state(run_dir / "checkpoints", "last")
-        weights, _ = ckpt.load_weights(weights_path)
-        model.load_state_dict(weights)
-        state = ckpt.restore_training_state(state, optimizer, scheduler, scaler)
+        point = ckpt.load_resume_point(run_dir / "checkpoints", "last", log=log if main else None)
+        model.load_state_dict(point.weights)
+        state = ckpt.restore_training_state(point.state, optimizer, scheduler, scaler)
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
         start_epoch, start_update_in_epoch, update = state["epoch"], state["update_in_epoch"], state["update"]
         best, elapsed_train, samples_seen = state["best"], state["elapsed_train"], state["samples_seen"]
         bad_files.seen = list(state["bad_files"])
         if main:
-            log(f"resuming {run_dir} at epoch {start_epoch}, update {update}")
+            log(f"resuming {run_dir} at epoch {start_epoch}, update {update} (from {point.weights_path.name})")
     else:
         run_dir = make_run_dir(t.output_dir, t.name or f"{cfg.model.name}-{d.dataset}", dist_info)
     ckpt_dir = run_dir / "checkpoints"
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
     if main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         if resume_dir is not None:
             metrics.truncate_after(update)
         else:
@@ -604,4 +604,5 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
 
 
 def atomic_json(path: Path, value: Any) -> None:
-    ckpt.atomic_write(path, lambda p: p.write_text(strict_json(value, indent=2)))
+    """Write ``value`` as strict JSON to ``path`` atomically (:func:`dsnet._io.atomic_write_text`)."""
+    atomic_write_text(path, strict_json(value, indent=2))
