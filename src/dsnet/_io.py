@@ -22,7 +22,14 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["TMP_MARK", "atomic_write", "atomic_write_text", "remove_stale_temporaries", "write_error"]
+__all__ = [
+    "TMP_MARK",
+    "atomic_write",
+    "atomic_write_text",
+    "check_writable_folder",
+    "remove_stale_temporaries",
+    "write_error",
+]
 
 #: Temporary files are ``.<target stem>.<random>.tmp<target suffix>`` beside the target (writers that look at the
 #: extension, e.g. ONNX's, see the target's); :func:`remove_stale_temporaries` finds them by this mark.
@@ -127,3 +134,29 @@ def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
                 stale.unlink(missing_ok=True)
                 removed.append(stale)
     return removed
+
+
+def check_writable_folder(folder: str | os.PathLike[str], what: str) -> Path:
+    """Create ``folder`` if needed and check that a file can be written in it (a real write, so also meaningful
+    for root, whom permission bits do not stop); ``what`` names the setting in the message (e.g.
+    ``"train.output_dir"``).
+
+    Raises:
+        OSError: one line naming ``what``, the folder and the reason (not a folder, read-only, full disk, ...).
+    """
+    folder = Path(folder).expanduser()
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise OSError(errno.ENOTDIR, f"{what}={folder}: cannot create the folder, {blocker} is a file")
+    probe = folder / f".dsnet-write-test.{uuid.uuid4().hex[:12]}{TMP_MARK}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as handle:
+            handle.write(b"0")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        raise OSError(err.errno, f"{what}={folder}: not writable ({err.strerror or err})") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    return folder

@@ -350,16 +350,20 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
 
     start_epoch, start_in_epoch, update, best = 0, 0, 0, -math.inf
     train_seconds = 0.0
+    point = None
     if resume_dir is not None:
         point = ckpt.load_resume_point(resume_dir / "checkpoints", log=print if main else None)
-        model.load_state_dict(point.weights)
-        state = ckpt.restore_training_state(point.state, optimizer, scheduler, scaler)
-        start_epoch, start_in_epoch, update = state["epoch"], state["update_in_epoch"], state["update"]
-        best, train_seconds = state["best"], state["train_seconds"]
+        if point is None and main:
+            print(f"{resume_dir} has no checkpoint yet (stopped before its first save): starting it from the beginning")
         run_dir = resume_dir
     else:
         default_name = f"{cfg.model.arch}-{cfg.model.backbone}-{cfg.model.neck}"
         run_dir = make_run_dir(r.output_dir, r.name or default_name, dist_info)
+    if point is not None:
+        model.load_state_dict(point.weights)
+        state = ckpt.restore_training_state(point.state, optimizer, scheduler, scaler)
+        start_epoch, start_in_epoch, update = state["epoch"], state["update_in_epoch"], state["update"]
+        best, train_seconds = state["best"], state["train_seconds"]
     ckpt_dir = run_dir / "checkpoints"
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
     if main:

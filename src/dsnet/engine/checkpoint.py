@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import signal
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,10 +60,24 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
+#: Test hook: ``"<n>"`` makes the n-th checkpoint file write of this process write half of its bytes, then
+#: SIGKILL the process, so that a test can kill a real run inside a checkpoint write.
+_KILL_ENV = "DSNET_TEST_KILL_IN_CHECKPOINT_WRITE"
+_writes = 0
+
+
 def _write_bytes(path: Path, data: bytes) -> None:
     """The one place checkpoint bytes reach the disk (plain ``open``: the folder's usual permissions, and a full
     disk is an ``OSError``, which torch's and safetensors' own writers would turn into other errors)."""
+    global _writes
+    _writes += 1
+    kill_at = os.environ.get(_KILL_ENV)
     with open(path, "wb") as handle:
+        if kill_at and int(kill_at) == _writes:
+            handle.write(data[: len(data) // 2])
+            handle.flush()
+            os.fsync(handle.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
         handle.write(data)
 
 
@@ -304,11 +320,12 @@ class ResumePoint:
 
     state: dict[str, Any]
     weights: dict[str, torch.Tensor]
+    metadata: dict[str, Any]  #: of the weights file: model, classes, epoch, update, ...
     weights_path: Path
     skipped: list[str]  #: why newer checkpoints were not used (one reason each)
 
 
-def _read_pair(folder: Path, tag: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
+def _read_pair(folder: Path, tag: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any], Path]:
     weights_path = folder / f"{tag}.safetensors"
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} does not exist")
@@ -319,41 +336,34 @@ def _read_pair(folder: Path, tag: str) -> tuple[dict[str, Any], dict[str, torch.
     state = _read_state(state_path)
     if state.get("token") != token:
         raise ValueError(f"{state_path} and {weights_path} come from different saves (token mismatch)")
-    weights, _ = load_weights(weights_path)
-    return state, weights, weights_path
+    weights, metadata = load_weights(weights_path)
+    return state, weights, metadata, weights_path
 
 
-def load_resume_point(folder: Path, tag: str = "last", log: Callable[[str], None] | None = None) -> ResumePoint:
-    """The newest intact checkpoint ``tag`` in ``folder``: ``<tag>``, else the ``<tag>.prev`` it replaced.
+def load_resume_point(folder: Path, tag: str = "last", log: Callable[[str], None] | None = None) -> ResumePoint | None:
+    """The newest intact checkpoint ``tag`` in ``folder``: ``<tag>``, else the ``<tag>.prev`` it replaced; None when
+    the run has no checkpoint at all (it was stopped before its first save).
 
     When the newest is damaged (truncated or corrupt weights or state file) or missing, ``log`` gets one line naming
-    what was damaged and what is used instead. Temporary files of a killed write are removed.
+    what was wrong and what is used instead. Temporary files of a killed write are removed.
 
     Raises:
-        FileNotFoundError: no checkpoint at all (e.g. the run was killed before its first save).
-        ValueError: every checkpoint is damaged; the message names each file and what is wrong with it.
+        ValueError: no checkpoint is intact; the message names each file and what is wrong with it.
     """
     remove_stale_temporaries(folder)
+    candidates = (tag, f"{tag}{PREVIOUS}")
+    if not any((folder / f"{name}.safetensors").exists() for name in candidates):
+        return None
     reasons: list[str] = []
-    missing = 0
-    for candidate in (tag, f"{tag}{PREVIOUS}"):
+    for candidate in candidates:
         try:
-            state, weights, path = _read_pair(folder, candidate)
-        except FileNotFoundError as err:
-            missing += 1
-            reasons.append(str(err))
-            continue
-        except ValueError as err:
+            state, weights, metadata, path = _read_pair(folder, candidate)
+        except (FileNotFoundError, ValueError) as err:
             reasons.append(str(err))
             continue
         if reasons and log is not None:
             log(f"newest checkpoint not usable: {reasons[0]}; resuming from the previous one, {path}")
-        return ResumePoint(state, weights, path, reasons)
-    if missing == 2 and not (folder / f"{tag}.safetensors").exists():
-        raise FileNotFoundError(
-            f"cannot resume: no checkpoint in {folder} ({folder / f'{tag}.safetensors'} does not exist: "
-            "was the run stopped before its first checkpoint?)"
-        )
+        return ResumePoint(state, weights, metadata, path, reasons)
     raise ValueError(f"cannot resume: no intact checkpoint in {folder}: " + "; ".join(reasons))
 
 
@@ -361,4 +371,6 @@ def load_training_state(folder: Path, tag: str = "last") -> tuple[dict[str, Any]
     """``(training_state, weights_path)`` of the newest intact checkpoint ``tag`` in ``folder`` (see
     :func:`load_resume_point`)."""
     point = load_resume_point(folder, tag)
+    if point is None:
+        raise FileNotFoundError(f"cannot resume: no checkpoint in {folder}")
     return point.state, point.weights_path
