@@ -49,8 +49,8 @@ def _truncate(path):
     path.write_bytes(data[: len(data) // 2])
 
 
-def _state_file(folder, tag):
-    return folder / f"{tag}-{read_metadata(folder / f'{tag}.safetensors')['token']}.state.pt"
+def _state_file(folder, name):
+    return folder / f"last-{read_metadata(folder / f'{name}.safetensors')['token']}.state.pt"
 
 
 def _one_line_error(capsys) -> str:
@@ -84,7 +84,8 @@ def test_every_checkpoint_damaged_is_one_line_naming_the_files(finished_run, tmp
     _state_file(folder, "last.prev").write_bytes(b"PK\x03\x04 not a zip")
     assert main(["train", "--resume", str(run_dir)]) == 2
     err = _one_line_error(capsys)
-    assert "no intact checkpoint" in err and "last.safetensors" in err and "last.prev-" in err
+    prev_state = _state_file(folder, "last.prev")
+    assert "no intact checkpoint" in err and "last.safetensors" in err and prev_state.name in err
 
 
 def test_eval_predict_export_refuse_a_damaged_checkpoint_in_one_line(finished_run, tmp_path, capsys):

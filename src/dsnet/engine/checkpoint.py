@@ -325,8 +325,12 @@ class ResumePoint:
     skipped: list[str]  #: why newer checkpoints were not used (one reason each)
 
 
-def _read_pair(folder: Path, tag: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any], Path]:
-    weights_path = folder / f"{tag}.safetensors"
+def _read_pair(
+    folder: Path, name: str, tag: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any], Path]:
+    """The state, weights and metadata of weights file ``<name>.safetensors``; its state file is
+    ``<tag>-<token>.state.pt`` (``last.prev`` keeps the state file ``last`` wrote)."""
+    weights_path = folder / f"{name}.safetensors"
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} does not exist")
     token = read_metadata(weights_path).get("token")
@@ -357,7 +361,7 @@ def load_resume_point(folder: Path, tag: str = "last", log: Callable[[str], None
     reasons: list[str] = []
     for candidate in candidates:
         try:
-            state, weights, metadata, path = _read_pair(folder, candidate)
+            state, weights, metadata, path = _read_pair(folder, candidate, tag)
         except (FileNotFoundError, ValueError) as err:
             reasons.append(str(err))
             continue
