@@ -54,9 +54,12 @@ def _state_file(folder, name):
 
 
 def _one_line_error(capsys) -> str:
+    """The error line of a failed command (progress lines of the work done before it may precede it)."""
     err = capsys.readouterr().err
-    assert err.startswith("dsnet: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
+    lines = err.splitlines()
+    assert "Traceback" not in err and lines and lines[-1].startswith("dsnet: error: "), err
+    assert sum(line.startswith("dsnet: error: ") for line in lines) == 1 and "[Errno" not in err, err
+    return lines[-1]
 
 
 @pytest.mark.parametrize("damaged", ["weights", "state"])

@@ -24,6 +24,7 @@ from pathlib import Path
 
 __all__ = [
     "TMP_MARK",
+    "WriteError",
     "atomic_write",
     "atomic_write_text",
     "check_writable_folder",
@@ -36,6 +37,13 @@ __all__ = [
 TMP_MARK = ".tmp"
 
 
+class WriteError(OSError):
+    """An ``OSError`` (``errno`` kept) whose text is one plain sentence naming the file, without ``[Errno N]``."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 def write_error(path: str | os.PathLike[str], err: OSError) -> OSError:
     """A one-line ``OSError`` (same ``errno``) naming ``path`` and what went wrong, e.g. a full disk."""
     reason = err.strerror or str(err) or type(err).__name__
@@ -45,7 +53,7 @@ def write_error(path: str | os.PathLike[str], err: OSError) -> OSError:
         errno.EACCES: "; check the folder's permissions or choose another folder",
         errno.EROFS: "; choose a writable folder",
     }.get(err.errno or 0, "")
-    return OSError(err.errno, f"cannot write {os.fspath(path)}: {reason}{hint}")
+    return WriteError(err.errno, f"cannot write {os.fspath(path)}: {reason}{hint}")
 
 
 def _fsync(path: Path) -> None:
@@ -147,7 +155,7 @@ def check_writable_folder(folder: str | os.PathLike[str], what: str) -> Path:
     folder = Path(folder).expanduser()
     blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
-        raise OSError(errno.ENOTDIR, f"{what}={folder}: cannot create the folder, {blocker} is a file")
+        raise WriteError(errno.ENOTDIR, f"{what}={folder}: cannot create the folder, {blocker} is a file")
     probe = folder / f".dsnet-write-test.{uuid.uuid4().hex[:12]}{TMP_MARK}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -156,7 +164,7 @@ def check_writable_folder(folder: str | os.PathLike[str], what: str) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as err:
-        raise OSError(err.errno, f"{what}={folder}: not writable ({err.strerror or err})") from None
+        raise WriteError(err.errno, f"{what}={folder}: not writable ({err.strerror or err})") from None
     finally:
         probe.unlink(missing_ok=True)
     return folder
