@@ -188,6 +188,14 @@ def test_unwritable_output_dir_is_one_line_before_any_work(tmp_path, capsys):
         assert f"train.output_dir={target}" in err
 
 
+def test_export_to_an_unwritable_place_is_one_line(finished_run, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["export", str(finished_run[0]), str(blocker / "m.onnx")]) == 2
+    err = _one_line_error(capsys)
+    assert f"output {blocker / 'm.onnx'}: cannot create the folder" in err and f"{blocker} is a file" in err
+
+
 def test_checkpoints_and_written_files_get_the_folders_permissions(tmp_path):
     from safetensors.torch import load_file
 
@@ -257,6 +265,10 @@ def test_empty_training_class_folder_and_empty_splits(tmp_path, capsys):
             image.unlink()
         assert main(["train", *_set(_tiny(empty, tmp_path / "runs"))]) == 2
         assert f"{empty / split} has class folders but no image files" in _one_line_error(capsys)
+    not_a_folder = tmp_path / "root-file"
+    not_a_folder.write_text("x")
+    assert main(["train", *_set(_tiny(not_a_folder, tmp_path / "runs"))]) == 2
+    assert f"{not_a_folder / 'train'} does not exist" in _one_line_error(capsys)
 
 
 def test_model_channels_other_than_grey_or_rgb_are_refused(tmp_path, capsys):

@@ -144,18 +144,19 @@ def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def check_writable_folder(folder: str | os.PathLike[str], what: str) -> Path:
+def check_writable_folder(folder: str | os.PathLike[str], label: str | None = None) -> Path:
     """Create ``folder`` if needed and check that a file can be written in it (a real write, so also meaningful
-    for root, whom permission bits do not stop); ``what`` names the setting in the message (e.g.
-    ``"train.output_dir"``).
+    for root, whom permission bits do not stop); ``label`` starts the message (default: the folder), e.g.
+    ``"train.output_dir=runs"``.
 
     Raises:
-        OSError: one line naming ``what``, the folder and the reason (not a folder, read-only, full disk, ...).
+        WriteError: one line naming the folder and the reason (a file in the way, read-only, full disk, ...).
     """
     folder = Path(folder).expanduser()
+    label = label or str(folder)
     blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
-        raise WriteError(errno.ENOTDIR, f"{what}={folder}: cannot create the folder, {blocker} is a file")
+        raise WriteError(errno.ENOTDIR, f"{label}: cannot create the folder {folder}, {blocker} is a file")
     probe = folder / f".dsnet-write-test.{uuid.uuid4().hex[:12]}{TMP_MARK}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -164,7 +165,7 @@ def check_writable_folder(folder: str | os.PathLike[str], what: str) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as err:
-        raise WriteError(err.errno, f"{what}={folder}: not writable ({err.strerror or err})") from None
+        raise WriteError(err.errno, f"{label}: folder {folder} is not writable ({err.strerror or err})") from None
     finally:
         probe.unlink(missing_ok=True)
     return folder

@@ -84,6 +84,8 @@ class ImageFolderDataset(ClassificationDataset):
         require_every_class: bool = False,
     ) -> None:
         root = Path(root).expanduser()
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"dataset folder {root} is a file; expected a folder of class folders")
         if not root.is_dir():
             raise FileNotFoundError(f"dataset folder {root} does not exist")
         found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -35,7 +35,7 @@ import torch
 import yaml
 from torch import nn
 
-from dsnet._io import atomic_write_text
+from dsnet._io import atomic_write_text, check_writable_folder
 from dsnet.engine.config import (
     NON_NEGATIVE,
     POSITIVE,
@@ -336,6 +336,8 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
     if cfg.data.batch_size % world:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {world} processes")
     micro = cfg.data.batch_size // world
+    if resume_dir is None and main:
+        check_writable_folder(r.output_dir, f"run.output_dir={r.output_dir}")
     train_set, val_set = _datasets(cfg)
     n_train = len(train_set) if cfg.data.max_train_images is None else min(cfg.data.max_train_images, len(train_set))
     sampler = ShardedEpochSampler(n_train, cfg.data.batch_size, rank=dist_info.rank, world_size=world, seed=r.seed)

@@ -21,6 +21,7 @@ import json
 import os
 import random
 import signal
+import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -310,7 +311,11 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             return load_file(str(path)), read_metadata(path)
         except (SafetensorError, OSError) as err:
             raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt ({err})") from None
-    state, _ = load_torch_checkpoint(path)
+    state, _ = load_torch_checkpoint(
+        path,
+        report=lambda line: print(line, file=sys.stderr),
+        choose_with="`dsnet convert torch FILE OUT.safetensors --entry ENTRY`, then load OUT.safetensors",
+    )
     return state, {}
 
 

@@ -276,7 +276,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
 
     check_model_name(cfg.model.name)  # fail before reading the data
     if resume_dir is None and main:
-        check_writable_folder(t.output_dir, "train.output_dir")
+        check_writable_folder(t.output_dir, f"train.output_dir={t.output_dir}")
     if d.pipeline not in PIPELINES:
         raise ValueError(f"unknown data.pipeline {d.pipeline!r}; expected one of {', '.join(PIPELINES)}")
     # data
