@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         if args.int8:
             from dsnet.export.quantize import quantize_onnx
 
-            onnx_file = Path(tmp) / "int8.onnx" if output.suffix.lower() == ".xml" else output
+            onnx_file = Path(tmp) / "int8.onnx"  # moved onto the output in one rename below
             count = min(len(calib_files), args.calib_images)
             print(
                 f"  int8 static QDQ quantization, {args.calib_method} calibration on {count} image(s) of {args.calib}"
