@@ -123,7 +123,7 @@ def resolve_run(
     resume_dir = Path(resume).expanduser() if resume is not None else None
     if resume_dir is not None:
         if not resume_dir.exists():
-            raise FileNotFoundError(f"cannot resume: {resume_dir} does not exist")
+            raise FileNotFoundError(f"cannot resume: {resume_dir} is not a run folder: it does not exist")
         if not resume_dir.is_dir():
             raise ValueError(f"cannot resume: {resume_dir} is a file; --resume takes a run folder of dsnet train")
         if not (resume_dir / "config.yaml").is_file():
