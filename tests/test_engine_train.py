@@ -61,9 +61,12 @@ def test_checkpoints_are_safetensors_and_weights_only(tiny_run):
     assert meta["model"] == "test_convnext" and meta["classes"] == list(CLASSES) and meta["epoch"] == 3
     state, _ = load_training_state(folder)  # torch.load(weights_only=True) inside
     assert {"optimizer", "scheduler", "scaler", "rng", "ema"} <= set(state) and state["update"] == 12
-    assert len(list(folder.glob("last-*.state.pt"))) == 1  # stale states are removed
-    state_file = next(folder.glob("last-*.state.pt"))
-    torch.load(state_file, weights_only=True)
+    # stale states are removed: one for `last`, one for the `last.prev` it replaced (kept as a fallback)
+    tokens = {read_metadata(folder / f"{tag}.safetensors")["token"] for tag in ("last", "last.prev")}
+    assert {p.name for p in folder.glob("last-*.state.pt")} == {f"last-{t}.state.pt" for t in tokens}
+    assert len(tokens) == 2 and read_metadata(folder / "last.prev.safetensors")["epoch"] == 2
+    for state_file in folder.glob("last-*.state.pt"):
+        torch.load(state_file, weights_only=True)
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import dsnet  # noqa: F401  (registers the zoo)
+    from dsnet._io import check_writable_folder
     from dsnet.cli.main import CLIError
     from dsnet.deploy import fuse
     from dsnet.deploy.runtime import load_for_inference, write_artefact_info
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"output {output} must end in .onnx (ONNX) or .xml (OpenVINO IR)")
     if args.int8 and not args.calib:
         raise CLIError("--int8 needs calibration images: --calib DIR (a folder of images like the inputs)")
+    check_writable_folder(output.parent, f"output {output}")
     source = Path(args.source)
     if source.exists():
         model, info = load_checkpoint(source, ema=args.ema, tag=args.tag)
@@ -111,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         if args.int8:
             from dsnet.export.quantize import quantize_onnx
 
-            onnx_file = Path(tmp) / "int8.onnx" if output.suffix.lower() == ".xml" else output
+            onnx_file = Path(tmp) / "int8.onnx"  # moved onto the output in one rename below
             count = min(len(calib_files), args.calib_images)
             print(
                 f"  int8 static QDQ quantization, {args.calib_method} calibration on {count} image(s) of {args.calib}"

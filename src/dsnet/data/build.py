@@ -82,7 +82,7 @@ def build_dataset(
         if data.root is None:
             raise ValueError("data.root is required for data.dataset=imagefolder (a folder holding train/ and val/)")
         sub = data.train_split if split == "train" else data.val_split
-        dataset = ImageFolderDataset(Path(data.root) / sub, mode, classes=classes)
+        dataset = ImageFolderDataset(Path(data.root) / sub, mode, classes=classes, require_every_class=split == "train")
     else:
         raise ValueError(f"unknown data.dataset {data.dataset!r}; expected one of {', '.join(DATASETS)}")
     limit = data.max_train_samples if split == "train" else data.max_val_samples

@@ -71,11 +71,21 @@ class ImageFolderDataset(ClassificationDataset):
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
-        ValueError: ``root`` has no class folder or no image at all.
+        ValueError: ``root`` has no class folder or no image at all; with ``require_every_class`` (the training
+            split, which defines the classes), also a class folder without images.
     """
 
-    def __init__(self, root: str | Path, mode: str = "RGB", classes: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        mode: str = "RGB",
+        classes: Sequence[str] | None = None,
+        *,
+        require_every_class: bool = False,
+    ) -> None:
         root = Path(root).expanduser()
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"dataset folder {root} is a file; expected a folder of class folders")
         if not root.is_dir():
             raise FileNotFoundError(f"dataset folder {root} does not exist")
         found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -97,6 +107,13 @@ class ImageFolderDataset(ClassificationDataset):
             raise ValueError(
                 f"dataset folder {root} has class folders but no image files ({', '.join(IMAGE_EXTENSIONS)})"
             )
+        if require_every_class:
+            empty = sorted(set(self.classes) - {self.classes[label] for _, label in self.samples})
+            if empty:
+                raise ValueError(
+                    f"dataset folder {root}: class folder(s) {empty} hold no image files "
+                    f"({', '.join(IMAGE_EXTENSIONS)}); a training class needs images: add some or remove the folder"
+                )
         self.targets = [label for _, label in self.samples]
 
     def load(self, index: int) -> Image.Image:

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from dsnet._io import atomic_write_text
 from dsnet.data.datasets import sample_seed
 from dsnet.data.images import ImageLoadError, open_image
 
@@ -330,9 +331,7 @@ def make_fashion_detection(
                     }
                 )
         meta = {"description": f"dsnet Fashion-MNIST detection, {split}", "seed": seed, "size": size}
-        tmp = ann_file.with_suffix(".json.tmp")
-        tmp.write_text(
-            json.dumps({"info": meta, "images": images, "annotations": annotations, "categories": categories})
+        atomic_write_text(
+            ann_file, json.dumps({"info": meta, "images": images, "annotations": annotations, "categories": categories})
         )
-        tmp.replace(ann_file)
     return out

@@ -35,6 +35,7 @@ import torch
 import yaml
 from torch import nn
 
+from dsnet._io import atomic_write_text, check_writable_folder
 from dsnet.engine.config import (
     NON_NEGATIVE,
     POSITIVE,
@@ -336,6 +337,8 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
     if cfg.data.batch_size % world:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {world} processes")
     micro = cfg.data.batch_size // world
+    if resume_dir is None and main:
+        check_writable_folder(r.output_dir, f"run.output_dir={r.output_dir}")
     train_set, val_set = _datasets(cfg)
     n_train = len(train_set) if cfg.data.max_train_images is None else min(cfg.data.max_train_images, len(train_set))
     sampler = ShardedEpochSampler(n_train, cfg.data.batch_size, rank=dist_info.rank, world_size=world, seed=r.seed)
@@ -350,20 +353,24 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
 
     start_epoch, start_in_epoch, update, best = 0, 0, 0, -math.inf
     train_seconds = 0.0
+    point = None
     if resume_dir is not None:
-        state, weights_path = ckpt.load_training_state(resume_dir / "checkpoints")
-        model.load_state_dict(ckpt.load_weights(weights_path)[0])
-        state = ckpt.restore_training_state(state, optimizer, scheduler, scaler)
-        start_epoch, start_in_epoch, update = state["epoch"], state["update_in_epoch"], state["update"]
-        best, train_seconds = state["best"], state["train_seconds"]
+        point = ckpt.load_resume_point(resume_dir / "checkpoints", log=print if main else None)
+        if point is None and main:
+            print(f"{resume_dir} has no checkpoint yet (stopped before its first save): starting it from the beginning")
         run_dir = resume_dir
     else:
         default_name = f"{cfg.model.arch}-{cfg.model.backbone}-{cfg.model.neck}"
         run_dir = make_run_dir(r.output_dir, r.name or default_name, dist_info)
+    if point is not None:
+        model.load_state_dict(point.weights)
+        state = ckpt.restore_training_state(point.state, optimizer, scheduler, scaler)
+        start_epoch, start_in_epoch, update = state["epoch"], state["update_in_epoch"], state["update"]
+        best, train_seconds = state["best"], state["train_seconds"]
     ckpt_dir = run_dir / "checkpoints"
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
     if main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         log.truncate_after(update)  # a resumed run rewrites what came after its last checkpoint
         n_params = sum(p.numel() for p in model.parameters())
         print(

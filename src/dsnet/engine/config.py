@@ -304,6 +304,11 @@ def _check_run(cfg: RunConfig, where: str) -> None:
         low, high = getattr(d, key)
         if low > high:
             raise ValueError(f"{where}: data.{key}={[low, high]} must be [low, high] with low <= high")
+    if cfg.model.in_chans not in (1, 3):
+        raise ValueError(
+            f"{where}: model.in_chans={cfg.model.in_chans}: images are read as grey (1 channel) or RGB (3), "
+            "so the model must take 1 or 3 channels"
+        )
     if d.mean is not None and d.std is not None and len(d.mean) != len(d.std):
         raise ValueError(f"{where}: data.mean has {len(d.mean)} values but data.std has {len(d.std)}")
     min_input = model_min_input(cfg.model.name)

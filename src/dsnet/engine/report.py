@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from dsnet._io import atomic_write_text
+
 __all__ = ["MetricsLog", "Progress", "format_metric", "plot_confusion", "plot_curves", "strict_json"]
 
 
@@ -64,12 +66,16 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         kept = [r for r in self.read() if r.get("update", 0) <= update]
-        self.path.write_text("".join(strict_json(r) + "\n" for r in kept))
+        atomic_write_text(self.path, "".join(strict_json(r) + "\n" for r in kept))
 
     def read(self) -> list[dict[str, Any]]:
+        """The records; a last line without its newline (a run killed while appending it) is left out."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        text = self.path.read_text()
+        lines = text.split("\n")
+        complete = lines[:-1]  # the text after the last newline is empty, or a record cut short
+        return [json.loads(line) for line in complete if line.strip()]
 
 
 class Progress:

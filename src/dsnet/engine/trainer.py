@@ -34,6 +34,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dsnet._io import atomic_write_text, check_writable_folder
 from dsnet.data.build import PIPELINES, build_dataset, build_tensor_batches, build_transform, normalization
 from dsnet.data.datasets import ShardedEpochSampler, TransformedDataset, collate_with_bad_files
 from dsnet.engine import checkpoint as ckpt
@@ -295,6 +296,8 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
         raise ValueError(f"mixup/cutmix need an even per-process micro-batch, got {micro}; change train.batch_size")
 
     check_model_name(cfg.model.name)  # fail before reading the data
+    if resume_dir is None and main:
+        check_writable_folder(t.output_dir, f"train.output_dir={t.output_dir}")
     if d.pipeline not in PIPELINES:
         raise ValueError(f"unknown data.pipeline {d.pipeline!r}; expected one of {', '.join(PIPELINES)}")
     # data
@@ -379,25 +382,35 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
     start_epoch, start_update_in_epoch, update, best = 0, 0, 0, -1.0
     bad_files = _BadFiles(t.max_bad_files)
     elapsed_train, samples_seen = 0.0, 0
+    point = None
     if resume_dir is not None:
         run_dir = resume_dir
-        state, weights_path = ckpt.load_training_state(run_dir / "checkpoints", "last")
-        weights, _ = ckpt.load_weights(weights_path)
-        model.load_state_dict(weights)
-        state = ckpt.restore_training_state(state, optimizer, scheduler, scaler)
+        point = ckpt.load_resume_point(run_dir / "checkpoints", "last", log=log if main else None)
+        if point is None and main:
+            log(f"{run_dir} has no checkpoint yet (stopped before its first save): starting it from the beginning")
+    else:
+        run_dir = make_run_dir(t.output_dir, t.name or f"{cfg.model.name}-{d.dataset}", dist_info)
+    if point is not None:
+        saved = tuple(point.metadata.get("classes") or ())
+        if saved and saved != tuple(train_set.classes):
+            raise ValueError(
+                f"cannot resume {run_dir}: it was trained on {len(saved)} classes {list(saved)[:5]} but the "
+                f"{d.dataset} training set in {d.root} now has {len(train_set.classes)} "
+                f"{list(train_set.classes)[:5]}; restore the class folders or start a new run"
+            )
+        model.load_state_dict(point.weights)
+        state = ckpt.restore_training_state(point.state, optimizer, scheduler, scaler)
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
         start_epoch, start_update_in_epoch, update = state["epoch"], state["update_in_epoch"], state["update"]
         best, elapsed_train, samples_seen = state["best"], state["elapsed_train"], state["samples_seen"]
         bad_files.seen = list(state["bad_files"])
         if main:
-            log(f"resuming {run_dir} at epoch {start_epoch}, update {update}")
-    else:
-        run_dir = make_run_dir(t.output_dir, t.name or f"{cfg.model.name}-{d.dataset}", dist_info)
+            log(f"resuming {run_dir} at epoch {start_epoch}, update {update} (from {point.weights_path.name})")
     ckpt_dir = run_dir / "checkpoints"
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
     if main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         if resume_dir is not None:
             metrics.truncate_after(update)
         else:
@@ -625,4 +638,5 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
 
 
 def atomic_json(path: Path, value: Any) -> None:
-    ckpt.atomic_write(path, lambda p: p.write_text(strict_json(value, indent=2)))
+    """Write ``value`` as strict JSON to ``path`` atomically (:func:`dsnet._io.atomic_write_text`)."""
+    atomic_write_text(path, strict_json(value, indent=2))

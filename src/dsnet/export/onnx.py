@@ -21,13 +21,14 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from dsnet._io import atomic_write
 
 
 @dataclass
@@ -107,16 +108,14 @@ def export_onnx(
     chans = in_chans if in_chans is not None else int(getattr(model, "in_chans", 3))
     model = model.eval().to("cpu", torch.float32)
     example = torch.randn(2 if dynamic_batch else 1, chans, *image_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: Path) -> None:
         sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
         with torch.no_grad(), sink:
             torch.onnx.export(
                 model,
                 (example,),
-                tmp_name,
+                str(tmp),
                 dynamo=True,
                 opset_version=opset,
                 input_names=["image"],
@@ -124,10 +123,8 @@ def export_onnx(
                 dynamic_shapes=_dynamic_shapes(dynamic_batch, dynamic_size, 32),
                 external_data=False,
             )
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+
+    atomic_write(path, write)
     report = ExportReport(path=path, opset=opset, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size)
     if check:
         shapes = [tuple(example.shape)]

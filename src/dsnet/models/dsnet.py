@@ -622,13 +622,13 @@ class DSNet(StagedBackboneMixin, nn.Module):
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     """Bring a checkpoint into this module's names.
 
-    Our own names pass through unchanged (after unwrapping a ``{"state_dict": ...}`` / ``{"model": ...}``
-    container); a checkpoint in the reference layout (PaddleClas / SteveTsui names such as
-    ``patch_embed1.proj.weight``) goes through :func:`dsnet.convert.dsnet_reference.reference_to_dsnet`.
+    Our own names pass through unchanged (after unwrapping a training checkpoint by the package's one rule,
+    :func:`dsnet.convert.checkpoint.choose_entry`); a checkpoint in the reference layout (PaddleClas / SteveTsui
+    names such as ``patch_embed1.proj.weight``) goes through :func:`dsnet.convert.dsnet_reference.reference_to_dsnet`.
     """
-    for container in ("state_dict", "model"):
-        if isinstance(state_dict.get(container), dict):
-            state_dict = state_dict[container]
+    from dsnet.convert.checkpoint import state_dict_of
+
+    state_dict = state_dict_of(state_dict)
     if "patch_embed1.proj.weight" in state_dict:
         from dsnet.convert.dsnet_reference import reference_to_dsnet
 
@@ -637,6 +637,9 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[s
 
 
 def _create_dsnet(variant: str, pretrained: bool = False, **kwargs: Any) -> DSNet:
+    from dsnet.convert.checkpoint import pretrained_file_kwargs
+
+    kwargs = pretrained_file_kwargs(variant, pretrained, checkpoint_filter_fn, kwargs)
     if pretrained:
         cfg = resolve_pretrained_cfg(
             variant,
@@ -657,7 +660,6 @@ def _create_dsnet(variant: str, pretrained: bool = False, **kwargs: Any) -> DSNe
         DSNet,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
         **kwargs,
     )

@@ -641,8 +641,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MixFormer) -> dic
         >>> state_dict = checkpoint_filter_fn(paddle_weights, model)  # doctest: +SKIP
         >>> model.load_state_dict(state_dict)  # doctest: +SKIP
     """
-    from dsnet.convert.checkpoint import verify_state_dict
+    from dsnet.convert.checkpoint import state_dict_of, verify_state_dict
 
+    state_dict = state_dict_of(state_dict)
     if "stem.proj.weight" in state_dict:
         return dict(state_dict)
     targets = model.state_dict()
@@ -682,6 +683,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MixFormer) -> dic
 
 
 def _create_mixformer(variant: str, pretrained: bool = False, **kwargs: Any) -> MixFormer:
+    from dsnet.convert.checkpoint import pretrained_file_kwargs
+
+    kwargs = pretrained_file_kwargs(variant, pretrained, checkpoint_filter_fn, kwargs)
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     if pretrained and not (overlay.get("file") or overlay.get("state_dict")):
         raise ValueError(
@@ -694,7 +698,6 @@ def _create_mixformer(variant: str, pretrained: bool = False, **kwargs: Any) -> 
         MixFormer,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
         **kwargs,
     )

@@ -830,7 +830,8 @@ def release_key_to_ours(key: str, block_paths: Sequence[tuple[str, bool]]) -> st
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MobileFormer) -> dict[str, torch.Tensor]:
     """Convert an AAboys/MobileFormer checkpoint (``mobile-former-*.pth.tar``) to ``model``'s names.
 
-    Accepts the bare state dict or one wrapped in ``state_dict`` / ``state_dict_ema`` / ``model`` (``module.``
+    Accepts the bare state dict or a training checkpoint, unwrapped by the package's one rule
+    (:func:`dsnet.convert.checkpoint.choose_entry`: ``state_dict`` before ``state_dict_ema``; ``module.``
     prefixes are stripped). Only names change (no tensor is reshaped); every key and shape is checked against
     ``model``. Classifier weights of another class count are passed through for timm to drop. A state dict
     already in our names passes through unchanged.
@@ -838,12 +839,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MobileFormer) -> 
     Raises:
         ValueError: a key the release's models do not have, or keys/shapes that do not fit ``model``.
     """
-    from dsnet.convert.checkpoint import verify_state_dict
+    from dsnet.convert.checkpoint import state_dict_of, verify_state_dict
 
-    for wrapper in ("state_dict", "state_dict_ema", "model"):
-        if isinstance(state_dict.get(wrapper), Mapping):
-            state_dict = state_dict[wrapper]
-            break
+    state_dict = state_dict_of(state_dict)
     if "global_tokens" in state_dict:
         return dict(state_dict)
     block_paths = [
@@ -871,6 +869,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MobileFormer) -> 
 
 
 def _create_mobile_former(variant: str, pretrained: bool = False, **kwargs: Any) -> MobileFormer:
+    from dsnet.convert.checkpoint import pretrained_file_kwargs
+
+    kwargs = pretrained_file_kwargs(variant, pretrained, checkpoint_filter_fn, kwargs)
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     if pretrained and not (overlay.get("file") or overlay.get("state_dict")):
         raise ValueError(
@@ -884,7 +885,6 @@ def _create_mobile_former(variant: str, pretrained: bool = False, **kwargs: Any)
         MobileFormer,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg={"out_indices": out_indices, "feature_cls": "getter"},
         **kwargs,
     )

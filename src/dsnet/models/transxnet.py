@@ -599,8 +599,9 @@ def _rename_official_key(key: str) -> str:
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: TransXNet) -> dict[str, torch.Tensor]:
     """Convert an official TransXNet checkpoint (``transx-{t,s,b}.pth.tar``) to ``model``'s parameter names.
 
-    Accepts the bare state dict or one wrapped in ``'state_dict'`` / ``'model'`` (``'module.'`` prefixes are
-    stripped). Keys are renamed, LayerScale weights (C, 1, 1, 1) → (C, 1, 1) and the 1×1-conv classifier
+    Accepts the bare state dict or a training checkpoint, unwrapped by the package's one rule
+    (:func:`dsnet.convert.checkpoint.choose_entry`: ``'state_dict'`` before ``'state_dict_ema'``; ``'module.'``
+    prefixes are stripped). Keys are renamed, LayerScale weights (C, 1, 1, 1) → (C, 1, 1) and the 1×1-conv classifier
     (K, C, 1, 1) → (K, C) are reshaped, and every shape is checked against ``model``. Relative position
     bias tables trained at another image size (e.g. the 384 px release) are resized bicubically, as the
     official model would do at run time. Classifier weights of another class count are passed through for
@@ -609,9 +610,9 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: TransXNet) -> dict[s
     Raises:
         ValueError: a key that does not belong to the model, or a shape that does not match it.
     """
-    for wrapper in ("state_dict", "model"):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
+    from dsnet.convert.checkpoint import state_dict_of
+
+    state_dict = state_dict_of(state_dict)
     targets = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     unknown = []
@@ -648,14 +649,15 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: TransXNet) -> dict[s
 
 
 def _create_transxnet(variant: str, pretrained: bool = False, **kwargs: Any) -> TransXNet:
+    from dsnet.convert.checkpoint import pretrained_file_kwargs
+
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     return build_model_with_cfg(
         TransXNet,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg={"out_indices": out_indices, "feature_cls": "getter"},
-        **kwargs,
+        **pretrained_file_kwargs(variant, pretrained, checkpoint_filter_fn, kwargs),
     )
 
 
