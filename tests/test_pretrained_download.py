@@ -238,3 +238,18 @@ def test_models_without_a_direct_release_explain_the_manual_route(server, model,
     with pytest.raises(ValueError, match=expected):
         timm.create_model(model, pretrained=True)
     assert server.requests == []  # nothing is attempted
+
+
+def test_a_whole_partial_file_is_completed_by_the_416_answer(server):
+    weights_dir().mkdir(parents=True)
+    (weights_dir() / f"{DSNET_FILE}.partial").write_bytes(server.files[DSNET_FILE])  # e.g. killed before the rename
+    timm.create_model("dsnet_tiny", pretrained=True)
+    assert server.requests == [(DSNET_FILE, f"bytes={len(server.files[DSNET_FILE])}-")]  # answered 416: nothing left
+    assert (weights_dir() / DSNET_FILE).read_bytes() == server.files[DSNET_FILE]
+
+
+def test_another_entry_of_the_release_is_converted_on_request_and_a_failure_keeps_the_download(server):
+    # the official checkpoint's "state_dict" is the default (test above); this one's "state_dict_ema" is incomplete
+    with pytest.raises(ValueError, match=r"could not be converted \(kept in the cache: .*'state_dict_ema'"):
+        timm.create_model("transxnet_t", pretrained=True, pretrained_cfg_overlay=dict(entry="state_dict_ema"))
+    assert _cache_files() == [TRANSXNET_FILE]  # the download stays: the entry, not the file, was wrong

@@ -120,16 +120,17 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _content_range(value: str | None) -> tuple[int, int | None] | None:
-    """``bytes START-END/TOTAL`` → (START, TOTAL or None); None when absent or unparsable."""
+def _content_range(value: str | None) -> tuple[int | None, int | None] | None:
+    """``bytes START-END/TOTAL`` → (START, TOTAL); ``bytes */TOTAL`` (a 416's) → (None, TOTAL); an unknown TOTAL
+    (``*``) is None; None when the header is absent or unparsable."""
     if not value or not value.startswith("bytes "):
         return None
-    span, _, total = value[len("bytes ") :].partition("/")
-    start = span.partition("-")[0]
-    try:
-        return int(start), (int(total) if total.strip() not in ("", "*") else None)
-    except ValueError:
+    span, _, total = value[len("bytes ") :].strip().partition("/")
+    start = span.partition("-")[0].strip()
+    total = total.strip()
+    if not (start.isdigit() or start == "*") or not (total.isdigit() or total == "*"):
         return None
+    return (int(start) if start.isdigit() else None), (int(total) if total.isdigit() else None)
 
 
 def _transfer(url: str, partial: Path) -> tuple[bool, int, int | None]:
@@ -233,7 +234,7 @@ def _converted_is_usable(path: Path, model: str) -> bool:
         return False
 
 
-def fetch_release(model: str, url: str) -> Path:
+def fetch_release(model: str, url: str, *, entry: str | None = None) -> Path:
     """The release at ``url`` converted for ``model``: a cached ``.safetensors`` file, downloaded and converted the
     first time (see the module docstring), found offline afterwards.
 
@@ -241,6 +242,8 @@ def fetch_release(model: str, url: str) -> Path:
         model: the timm name of our model (the conversion target), e.g. ``"transxnet_t"``.
         url: the release URL from the model's pretrained cfg (``.pdparams`` → Paddle layout, else PyTorch);
             an optional ``#sha256=<hex>`` fragment is checked.
+        entry: the entry of a training checkpoint to convert (e.g. ``"state_dict_ema"``); None: the converter's
+            default (the trained weights, ``state_dict`` for TransXNet, as the official code evaluates them).
 
     Raises:
         WeightsDownloadError: no network, an HTTP error or a transfer cut too often (the message names the URL,
@@ -252,7 +255,7 @@ def fetch_release(model: str, url: str) -> Path:
     url, sha256 = _split_url(url)
     folder = weights_dir()
     dest = folder / _file_name(url)
-    converted = folder / f"{_stem(dest.name)}.{model}.safetensors"
+    converted = folder / f"{_stem(dest.name)}.{model}{f'.{entry}' if entry else ''}.safetensors"
     if _converted_is_usable(converted, model):
         return converted
     folder.mkdir(parents=True, exist_ok=True)
@@ -264,11 +267,13 @@ def fetch_release(model: str, url: str) -> Path:
         if not dest.is_file():
             _download(model, url, dest, sha256)
         try:
-            convert_checkpoint(dest, converted, layout=_layout_of(dest.name), model=model)
+            convert_checkpoint(dest, converted, layout=_layout_of(dest.name), model=model, entry=entry)
         except (ValueError, FileNotFoundError) as err:
-            if sha256 is None:  # nothing vouches for the file: do not keep it as the release
+            if sha256 is None and entry is None:  # nothing vouches for the file: do not keep it as the release
                 dest.unlink(missing_ok=True)
                 kept = "deleted it from the cache"
+            elif entry is not None:
+                kept = f"kept in the cache: the error may be the entry asked for, {entry!r}"
             else:
                 kept = "the file has the release's hash, so it stays cached"
             raise ValueError(
@@ -298,7 +303,8 @@ def pretrained_kwargs(
     Unchanged when ``pretrained`` is False or the user already gave weights (``pretrained_cfg_overlay`` /
     ``pretrained_cfg`` with ``file`` or ``state_dict``, or a Hugging Face id). Otherwise the pretrained cfg's ``url``
     (the tag's, e.g. ``dsnet_tiny.paddle_in1k``) is fetched and converted by :func:`fetch_release` and passed on as
-    ``pretrained_cfg_overlay=dict(file=<converted .safetensors>)``.
+    ``pretrained_cfg_overlay=dict(file=<converted .safetensors>)``; ``pretrained_cfg_overlay=dict(entry=NAME)``
+    converts another entry of the release's training checkpoint (e.g. ``"state_dict_ema"``).
 
     Args:
         variant: the architecture name (without tag).
@@ -331,5 +337,6 @@ def pretrained_kwargs(
     if not cfg.url:
         raise _no_release_error(variant, cfg, no_release, layout)
     url = cfg.url if isinstance(cfg.url, str) else cfg.url[0]
-    overlay["file"] = os.fspath(fetch_release(variant, url))
+    entry = overlay.pop("entry", None)  # which entry of the release's training checkpoint to convert
+    overlay["file"] = os.fspath(fetch_release(variant, url, entry=entry))
     return {**kwargs, "pretrained_cfg_overlay": overlay}
