@@ -6,13 +6,16 @@ The key lists in ``fixtures/`` were generated from the official implementations 
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 from timm.models.swin_transformer import get_relative_position_index
 from torch import nn
 
+from dsnet.convert.dsnet_reference import BLOCK_MODULE_MAP
 from dsnet.models.mixformer import paddle_key_to_ours
 from dsnet.models.transxnet import _rename_official_key
 
@@ -66,3 +69,40 @@ def transxnet_t_official_state_dict(model: nn.Module | None = None) -> dict[str,
         else:
             state_dict[key] = ours[_rename_official_key(key)].reshape(shape).clone()
     return state_dict
+
+
+_INVERSE_BLOCK = {ours: ref for ref, ours in BLOCK_MODULE_MAP.items()}
+
+
+def dsnet_reference_name(name: str) -> str:
+    """Our DS-Net parameter name → the reference (PaddleClas / SteveTsui) name: the inverse of the converter's table."""
+    if m := re.match(r"^stages\.(\d)\.downsample\.(\w+)$", name):
+        return f"patch_embed{int(m[1]) + 1}.proj.{m[2]}"
+    if m := re.match(r"^stages\.(\d)\.blocks\.(\d+)\.(.+)\.(\w+)$", name):
+        return f"blocks{int(m[1]) + 1}.{m[2]}.{_INVERSE_BLOCK[m[3]]}.{m[4]}"
+    return name.replace("head.fc.", "head.")
+
+
+def dsnet_reference_state(model_name: str, layout: str = "paddle", seed: int = 0) -> dict[str, np.ndarray]:
+    """Random weights for the DS-Net ``model_name`` in the reference names and ``layout`` (numpy arrays): a
+    ``.pdparams`` as PaddleClas writes it (Linear ``[in, out]``, BN ``_mean``/``_variance``) or a reference ``.pth``."""
+    with torch.device("meta"):
+        model = timm.create_model(model_name)
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, value in model.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            if layout == "torch":
+                out[dsnet_reference_name(name)] = np.array(5, dtype=np.int64)
+            continue
+        array = rng.standard_normal(tuple(value.shape)).astype(np.float32) * 0.02
+        if name.endswith("running_var"):
+            array = np.abs(array) + 0.5
+        ref = dsnet_reference_name(name)
+        if layout == "paddle":
+            if name in linears:
+                array = np.ascontiguousarray(array.T)
+            ref = ref.replace(".running_mean", "._mean").replace(".running_var", "._variance")
+        out[ref] = array
+    return out

@@ -24,11 +24,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from _official_checkpoints import mixformer_b0_to_paddle, transxnet_t_official_state_dict, write_pdparams
+from _official_checkpoints import (
+    dsnet_reference_name,
+    dsnet_reference_state,
+    mixformer_b0_to_paddle,
+    transxnet_t_official_state_dict,
+    write_pdparams,
+)
 from dsnet.cli.main import main
 from dsnet.convert.checkpoint import CheckpointMismatchError, verify_state_dict
 from dsnet.convert.dsnet_reference import (
-    BLOCK_MODULE_MAP,
     PADDLE_LINEAR_MODULES,
     VARIANT_DEPTHS,
     infer_depths,
@@ -37,44 +42,14 @@ from dsnet.convert.pickle_safe import UnsafePickleError, load_pdparams
 
 # --- reference-layout files made from our model's shapes -------------------------------------------------------------
 
-_INVERSE_BLOCK = {ours: ref for ref, ours in BLOCK_MODULE_MAP.items()}
-
-
-def _reference_name(name: str) -> str:
-    """Our parameter name → the reference name (the inverse of the converter's table)."""
-    if m := re.match(r"^stages\.(\d)\.downsample\.(\w+)$", name):
-        return f"patch_embed{int(m[1]) + 1}.proj.{m[2]}"
-    if m := re.match(r"^stages\.(\d)\.blocks\.(\d+)\.(.+)\.(\w+)$", name):
-        return f"blocks{int(m[1]) + 1}.{m[2]}.{_INVERSE_BLOCK[m[3]]}.{m[4]}"
-    return name.replace("head.fc.", "head.")
-
 
 def _meta_model(name: str, **kwargs) -> nn.Module:
     with torch.device("meta"):
         return timm.create_model(name, **kwargs)
 
 
-def _reference_state(model_name: str, layout: str = "paddle", seed: int = 0) -> dict[str, np.ndarray]:
-    """Random weights for ``model_name`` in the reference names and ``layout`` (numpy arrays)."""
-    model = _meta_model(model_name)
-    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, value in model.state_dict().items():
-        if name.endswith("num_batches_tracked"):
-            if layout == "torch":
-                out[_reference_name(name)] = np.array(5, dtype=np.int64)
-            continue
-        array = rng.standard_normal(tuple(value.shape)).astype(np.float32) * 0.02
-        if name.endswith("running_var"):
-            array = np.abs(array) + 0.5
-        ref = _reference_name(name)
-        if layout == "paddle":
-            if name in linears:
-                array = np.ascontiguousarray(array.T)
-            ref = ref.replace(".running_mean", "._mean").replace(".running_var", "._variance")
-        out[ref] = array
-    return out
+_reference_name = dsnet_reference_name
+_reference_state = dsnet_reference_state
 
 
 @pytest.fixture(scope="module")

@@ -432,15 +432,15 @@ def test_pretrained_from_converted_file(tmp_path):
         assert torch.equal(loaded[key], value), key
 
 
-def test_pretrained_without_file_explains_conversion():
-    with pytest.raises(ValueError, match=r"dsnet convert paddle .*pretrained_cfg_overlay=dict\(file="):
-        timm.create_model("dsnet_tiny", pretrained=True)
+def test_pretrained_without_release_explains_conversion():
+    with pytest.raises(ValueError, match=r"no weights were released .*dsnet convert paddle .*pretrained_cfg_overlay="):
+        timm.create_model("dsnet_tiny_concat", pretrained=True)
 
 
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
 def test_pretrained_cfg_points_at_released_weights(size):
     cfg = timm.create_model(f"dsnet_{size}", device="meta").pretrained_cfg
-    assert not cfg["url"]  # timm must not try to download a Paddle file
+    assert cfg["url"] == cfg["origin_url"]  # pretrained=True downloads and converts it (test_pretrained_download.py)
     assert cfg["origin_url"] == (
         f"https://paddle-imagenet-models-name.bj.bcebos.com/dygraph/DSNet_{size}_pretrained.pdparams"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
+import socket
 
 import pytest
 import timm
@@ -119,12 +120,18 @@ def test_unknown_kwarg_raises_type_error(name):
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
-def test_pretrained_without_weights_explains_instead_of_random_init(name):
+def test_pretrained_without_weights_explains_instead_of_random_init(name, tmp_path, monkeypatch):
     cfg = timm.models.get_pretrained_cfg(name)
-    if cfg is not None and (cfg.url or cfg.file or cfg.hf_hub_id):
-        pytest.fail(f"{name}: the zoo has no downloadable weights, its cfg must not pretend otherwise")
-    # a clear error (ours explains how to convert the released weights), never a silent random init
-    with pytest.raises((ValueError, RuntimeError), match="pretrained"):
+    assert not (cfg.file or cfg.hf_hub_id)
+    if cfg.url:  # a public release (tests/test_pretrained_download.py): here, with no server to fetch it from
+        assert cfg.url.split("#")[0] == cfg.origin_url
+        with socket.socket() as sock:  # a local port that refuses connections: no real download in the tests
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        monkeypatch.setenv("DSNET_WEIGHTS_BASE_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    # a clear error (the manual route: `dsnet convert` and the file to pass), never a silent random init
+    with pytest.raises((ValueError, RuntimeError, OSError), match="dsnet convert"):
         timm.create_model(name, pretrained=True, device="meta")
 
 

@@ -90,11 +90,11 @@ from timm.models import (
     checkpoint_seq,
     generate_default_cfgs,
     register_model,
-    resolve_pretrained_cfg,
 )
 from torch import nn
 
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
+from dsnet.models._pretrained import pretrained_kwargs
 from dsnet.models._stages import StagedBackboneMixin
 
 __all__ = [
@@ -639,23 +639,8 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[s
 def _create_dsnet(variant: str, pretrained: bool = False, **kwargs: Any) -> DSNet:
     from dsnet.convert.checkpoint import pretrained_file_kwargs
 
-    kwargs = pretrained_file_kwargs(variant, pretrained, checkpoint_filter_fn, kwargs)
-    if pretrained:
-        cfg = resolve_pretrained_cfg(
-            variant,
-            pretrained_cfg=kwargs.get("pretrained_cfg"),
-            pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
-        )
-        if not (cfg.file or cfg.url or cfg.hf_hub_id or cfg.state_dict):
-            if cfg.origin_url:
-                source = f"The released weights are a PaddleClas file ({cfg.origin_url}). Convert it once with"
-            else:
-                source = f"No weights were released for {variant}. To load your own PaddleClas checkpoint, run"
-            raise ValueError(
-                f"{variant}: pretrained=True needs a local weight file. {source} "
-                f"`dsnet convert paddle IN.pdparams OUT.safetensors`, then create the model with "
-                f"timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file='OUT.safetensors'))"
-            )
+    kwargs = pretrained_kwargs(variant, pretrained, kwargs, layout="paddle")  # the PaddleClas file → a local file
+    kwargs = pretrained_file_kwargs(variant, pretrained, checkpoint_filter_fn, kwargs)  # the entry rule
     return build_model_with_cfg(
         DSNet,
         variant,
@@ -667,7 +652,7 @@ def _create_dsnet(variant: str, pretrained: bool = False, **kwargs: Any) -> DSNe
 
 def _cfg(origin_url: str | None = None, **kwargs: Any) -> dict[str, Any]:
     return {
-        "url": "",
+        "url": origin_url or "",  # a Paddle file: pretrained=True downloads and converts it (models/_pretrained.py)
         "num_classes": 1000,
         "input_size": (3, 224, 224),
         "pool_size": (7, 7),
@@ -686,8 +671,10 @@ def _cfg(origin_url: str | None = None, **kwargs: Any) -> dict[str, Any]:
 
 
 _PADDLE_URL = "https://paddle-imagenet-models-name.bj.bcebos.com/dygraph/DSNet_{}_pretrained.pdparams"
+# PaddleClas publishes no hash for its files (so the URLs carry no #sha256=); the conversion checks every key/shape.
 _PADDLE_NOTE = (
-    "PaddleClas weights: convert with `dsnet convert paddle`, load with pretrained_cfg_overlay=dict(file=...)",
+    "PaddleClas weights: pretrained=True downloads and converts them (or by hand: `dsnet convert paddle`, then "
+    "pretrained_cfg_overlay=dict(file=...))",
 )
 
 default_cfgs = generate_default_cfgs(

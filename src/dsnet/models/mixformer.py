@@ -59,6 +59,7 @@ from timm.models.swin_transformer import get_relative_position_index, window_par
 from torch import nn
 
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
+from dsnet.models._pretrained import pretrained_kwargs
 from dsnet.models._stages import StagedBackboneMixin
 
 __all__ = ["MixFormer", "MixingAttention", "MixingBlock", "checkpoint_filter_fn"]
@@ -685,14 +686,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MixFormer) -> dic
 def _create_mixformer(variant: str, pretrained: bool = False, **kwargs: Any) -> MixFormer:
     from dsnet.convert.checkpoint import pretrained_file_kwargs
 
-    kwargs = pretrained_file_kwargs(variant, pretrained, checkpoint_filter_fn, kwargs)
-    overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    if pretrained and not (overlay.get("file") or overlay.get("state_dict")):
-        raise ValueError(
-            f"{variant}: no converted weights to download. Convert an official PaddleClas .pdparams with "
-            "dsnet.convert.pickle_safe.load_pdparams + dsnet.models.mixformer.checkpoint_filter_fn, save it, "
-            "and pass pretrained_cfg_overlay=dict(file=<converted .safetensors/.pth>)"
-        )
+    kwargs = pretrained_kwargs(variant, pretrained, kwargs, layout="paddle", no_release=_NO_RELEASE)
+    kwargs = pretrained_file_kwargs(variant, pretrained, checkpoint_filter_fn, kwargs)  # the entry rule
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     return build_model_with_cfg(
         MixFormer,
@@ -704,6 +699,11 @@ def _create_mixformer(variant: str, pretrained: bool = False, **kwargs: Any) -> 
 
 
 _PADDLE_WEIGHTS = "https://paddle-imagenet-models-name.bj.bcebos.com/dygraph/MixFormer_{}_pretrained.pdparams"
+_NO_RELEASE = (
+    "PaddleClas published no MixFormer weights (its model doc, docs/zh_CN/models/ImageNet1k/MixFormer.md, lists no "
+    "measured accuracy and says the models will be provided later; nothing shows the URLs in its code, origin_url, "
+    "to be a release)"
+)
 
 
 def _cfg(origin_url: str = "", **kwargs: Any) -> dict[str, Any]:

@@ -63,11 +63,12 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ConvNormAct, DropPath, Mlp, get_device_dtype, register_notrace_function
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
+from dsnet.models._pretrained import pretrained_kwargs
 from dsnet.models._stages import StagedBackboneMixin
 
 __all__ = ["BlockArgs", "MobileFormer", "MobileFormerBlock", "checkpoint_filter_fn"]
@@ -871,15 +872,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MobileFormer) -> 
 def _create_mobile_former(variant: str, pretrained: bool = False, **kwargs: Any) -> MobileFormer:
     from dsnet.convert.checkpoint import pretrained_file_kwargs
 
-    kwargs = pretrained_file_kwargs(variant, pretrained, checkpoint_filter_fn, kwargs)
-    overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    if pretrained and not (overlay.get("file") or overlay.get("state_dict")):
-        raise ValueError(
-            f"{variant}: pretrained=True needs a local weight file (the release is on Google Drive, no direct URL): "
-            f"download it from {get_pretrained_cfg(variant).origin_url}, convert it with "
-            f"`dsnet convert torch <file> {variant}.safetensors --model {variant}` and pass "
-            f"pretrained_cfg_overlay=dict(file='{variant}.safetensors')"
-        )
+    kwargs = pretrained_kwargs(variant, pretrained, kwargs, layout="torch", no_release=_NO_RELEASE)
+    kwargs = pretrained_file_kwargs(variant, pretrained, checkpoint_filter_fn, kwargs)  # the entry rule
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     return build_model_with_cfg(
         MobileFormer,
@@ -909,6 +903,10 @@ def _cfg(drive_id: str, **kwargs: Any) -> dict[str, Any]:
     }
 
 
+_NO_RELEASE = (
+    "the release (AAboys/MobileFormer) is a Google Drive page, not a direct URL, so it cannot be downloaded for you; "
+    "the file behind it is the release's .pth.tar training checkpoint"
+)
 # Google Drive ids of the release's weights (its README, commit f447310).
 default_cfgs = generate_default_cfgs(
     {

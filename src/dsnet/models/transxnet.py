@@ -54,6 +54,7 @@ from torch import nn
 from dsnet.layers.adaptive_avg_pool import AdaptiveAvgPool2d
 from dsnet.layers.per_sample_conv import per_sample_depthwise_conv2d
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
+from dsnet.models._pretrained import pretrained_kwargs
 from dsnet.models._stages import StagedBackboneMixin
 
 __all__ = ["TransXNet", "checkpoint_filter_fn"]
@@ -652,6 +653,7 @@ def _create_transxnet(variant: str, pretrained: bool = False, **kwargs: Any) -> 
     from dsnet.convert.checkpoint import pretrained_file_kwargs
 
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    kwargs = pretrained_kwargs(variant, pretrained, kwargs, layout="torch")  # the GitHub release → a local file
     return build_model_with_cfg(
         TransXNet,
         variant,
@@ -679,13 +681,21 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 _RELEASE = "https://github.com/LMMMEng/TransXNet/releases/download/v1.0"
-# The official weights are PyTorch .pth.tar files in mmcv names: download them from ``origin_url`` and load them
-# with ``pretrained_cfg_overlay={"file": path}``; checkpoint_filter_fn converts them on the fly.
+
+
+def _release(name: str) -> dict[str, str]:
+    # The official README's links (its table "Main Results on ImageNet with Pretrained Models"); it lists no hash.
+    return {"url": f"{_RELEASE}/{name}", "origin_url": f"{_RELEASE}/{name}"}
+
+
+# The official weights are timm training checkpoints (.pth.tar, weights in entry "state_dict") in the authors' names:
+# pretrained=True downloads one and converts it with checkpoint_filter_fn (models/_pretrained.py); a file fetched by
+# hand loads with ``pretrained_cfg_overlay={"file": path}``, converted on the fly.
 default_cfgs = generate_default_cfgs(
     {
-        "transxnet_t.in1k": _cfg(origin_url=f"{_RELEASE}/transx-t.pth.tar", crop_pct=0.9),
-        "transxnet_s.in1k": _cfg(origin_url=f"{_RELEASE}/transx-s.pth.tar", crop_pct=0.9),
-        "transxnet_b.in1k": _cfg(origin_url=f"{_RELEASE}/transx-b.pth.tar", crop_pct=0.95),
+        "transxnet_t.in1k": _cfg(**_release("transx-t.pth.tar"), crop_pct=0.9),
+        "transxnet_s.in1k": _cfg(**_release("transx-s.pth.tar"), crop_pct=0.9),
+        "transxnet_b.in1k": _cfg(**_release("transx-b.pth.tar"), crop_pct=0.95),
     }
 )
 
