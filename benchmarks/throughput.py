@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import statistics
 import sys
@@ -283,10 +284,11 @@ def build_calls(
                 print(f"[throughput] {name} {key}: {built[key]}", file=sys.stderr)
         return built[key]
 
-    onnx_path = workdir / f"{name}.onnx"
+    onnx_path = workdir / f"{name}_{settings.size}px.onnx"
 
     def export() -> nn.Module:
-        export_onnx(fused_model(), onnx_path, image_size=(settings.size, settings.size), check=False)
+        if not onnx_path.is_file():  # an ``--artefacts`` folder keeps the files of an earlier run
+            export_onnx(fused_model(), onnx_path, image_size=(settings.size, settings.size), check=False)
         return nn.Identity()  # the file is the product
 
     def fused_model() -> nn.Module:
@@ -309,8 +311,9 @@ def build_calls(
             return OnnxRuntimeModel(onnx_path, settings.threads)
         if variant == "openvino":
             return OpenVINOModel(onnx_path, settings.threads)
-        int8_path = workdir / f"{name}.int8.onnx"
-        quantize_onnx_batches(onnx_path, int8_path, lambda: _random_batches(settings))
+        int8_path = onnx_path.with_suffix(".int8.onnx")
+        if not int8_path.is_file():
+            quantize_onnx_batches(onnx_path, int8_path, lambda: _random_batches(settings))
         return OnnxRuntimeModel(int8_path, settings.threads)
 
     makers: dict[str, Callable[[], nn.Module]] = {
@@ -391,8 +394,13 @@ def run(
     variants: Sequence[str] = DEFAULT_VARIANTS,
     peer_variants: Sequence[str] = DEFAULT_PEER_VARIANTS,
     output: Path | None = RESULTS / "throughput.md",
+    artefacts: Path | None = None,
 ) -> tuple[Result, str]:
-    """Build every path, measure them round-robin, print the table and write it (and the samples) beside ``output``."""
+    """Build every path, measure them round-robin, print the table and write it (and the samples) beside ``output``.
+
+    ``artefacts``: a folder that keeps the ONNX and int8 files (reused when present: delete them after changing a
+    model); default a temporary folder.
+    """
     from dsnet.bench.complexity import count_macs
     from dsnet.engine.report import strict_json
 
@@ -413,8 +421,12 @@ def run(
     macs: dict[str, int] = {}
     checks: dict[str, float] = {}
     try:
+        if artefacts is not None:
+            artefacts.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="dsnet-throughput-") as tmp, warnings.catch_warnings():
+            workdir = artefacts or Path(tmp)
             warnings.simplefilter("ignore")  # exporters' and quantizer's chatter
+            logging.disable(logging.WARNING)  # onnxruntime.quantization logs a line per weight it keeps per-tensor
             for name in [*models, *peers]:
                 print(f"[throughput] building {name}", file=sys.stderr)
                 paths = variants if name in models else peer_variants
@@ -424,7 +436,7 @@ def run(
                 else:
                     model = build_model(name)
                 macs[name] = count_macs(model, (3, settings.size, settings.size))
-                built = build_calls(name, model, paths, settings, Path(tmp), reference)
+                built = build_calls(name, model, paths, settings, workdir, reference)
                 for (variant, batch), call in built.items():
                     cell = Cell(name, variant, batch)
                     if isinstance(call, str):
@@ -441,6 +453,7 @@ def run(
                 for key, call in calls.items():
                     by_key[key].seconds.append(time_call(call, settings))
     finally:
+        logging.disable(logging.NOTSET)
         torch.set_num_threads(previous_threads)
     load_after = os.getloadavg()[0]
     result = Result(settings, macs, cells, gemm_seconds, (load_before, load_after), _versions(use_paddle), checks)
@@ -532,6 +545,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--settle", type=float, default=Settings.settle, help="idle seconds before each measurement")
     parser.add_argument("--gemm-size", type=int, default=Settings.gemm_size, help="GEMM probe side (%(default)s)")
     parser.add_argument("--output", type=Path, default=RESULTS / "throughput.md")
+    parser.add_argument("--artefacts", type=Path, default=None, help="keep (and reuse) the ONNX/int8 files here")
     args = parser.parse_args(argv)
     if min(args.batches) < 1 or args.repeats < 1 or args.threads < 1 or args.size < 32:
         parser.error("batches, repeats and threads must be positive and --size at least 32")
@@ -554,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         settle=args.settle,
         gemm_size=args.gemm_size,
     )
-    run(args.models, args.peers, settings, variants, peer_variants, args.output)
+    run(args.models, args.peers, settings, variants, peer_variants, args.output, args.artefacts)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,9 @@ def test_tiny_run_measures_every_path_and_writes_the_table(tmp_path, capsys):
     settings = _tiny(batches=(1, 2), repeats=2)
     output = tmp_path / "results" / "throughput.md"
     ours, peers = ("eager", "fused", "channels_last"), ("eager", "onnxruntime", "openvino", "int8")
-    result, table = throughput.run(["dsnet_tiny"], ["test_convnext"], settings, ours, peers, output)
+    artefacts = tmp_path / "artefacts"
+    result, table = throughput.run(["dsnet_tiny"], ["test_convnext"], settings, ours, peers, output, artefacts)
+    assert sorted(p.name for p in artefacts.iterdir()) == ["test_convnext_32px.int8.onnx", "test_convnext_32px.onnx"]
 
     header, *rows = _rows(table)
     assert header == [
@@ -116,14 +118,15 @@ def test_cli_flags_reach_the_run(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(throughput, "run", lambda *args: seen.update(args=args))
     throughput.main(["--models", "dsnet_tiny", "--peers", "--variants", "eager", "fused", "--size", "64"])
-    models, peers, settings, variants, peer_variants, output = seen["args"]
-    assert (models, peers, variants) == (["dsnet_tiny"], [], ["eager", "fused"])
+    models, peers, settings, variants, peer_variants, output, artefacts = seen["args"]
+    assert (models, peers, variants, artefacts) == (["dsnet_tiny"], [], ["eager", "fused"], None)
     assert (settings.size, settings.threads, settings.batches, settings.repeats) == (64, 2, (1, 16), 5)
     assert output == throughput.RESULTS / "throughput.md"
 
     argv = ["--batches", "4", "--threads", "1", "--repeats", "3", "--compile", "--paddle", "--output", str(tmp_path)]
-    throughput.main(argv)
-    models, peers, settings, variants, peer_variants, output = seen["args"]
+    throughput.main([*argv, "--artefacts", str(tmp_path / "a")])
+    models, peers, settings, variants, peer_variants, output, artefacts = seen["args"]
+    assert artefacts == tmp_path / "a"
     assert (models, peers) == (list(throughput.OURS), list(throughput.PEERS))
     assert variants == [*throughput.DEFAULT_VARIANTS, "compile", "paddleclas"]
     assert peer_variants == [*throughput.DEFAULT_PEER_VARIANTS, "compile"]
@@ -139,3 +142,13 @@ def test_paddle_path_times_the_reference_with_our_weights(tmp_path):
     assert result.cell("dsnet_tiny", "paddleclas", 2).seconds and result.settings.settle == throughput.PADDLE_SETTLE
     assert result.checks["dsnet_tiny"] < 1e-3
     assert f"dsnet_tiny {result.checks['dsnet_tiny']:.1e}" in table
+
+
+def test_an_artefacts_folder_is_reused(tmp_path, monkeypatch):
+    import dsnet.export.onnx
+
+    artefacts = tmp_path / "artefacts"
+    throughput.run(["test_convnext"], [], _tiny(), ("onnxruntime",), (), None, artefacts)
+    monkeypatch.setattr(dsnet.export.onnx, "export_onnx", lambda *a, **k: pytest.fail("exported again"))
+    result, _ = throughput.run(["test_convnext"], [], _tiny(), ("onnxruntime",), (), None, artefacts)
+    assert result.cell("test_convnext", "onnxruntime", 1).seconds
