@@ -28,11 +28,19 @@ def _with_trained_like_norms(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @pytest.mark.slow
-# transxnet_t failed this test once (2026-12-02, cause not diagnosed yet: ORT or OpenVINO, which shape): see issue 13
-@pytest.mark.parametrize("name", ["dsnet_tiny"])
-def test_fp32_runtimes_agree_with_eager_at_two_shapes(name, tmp_path):
+# one model of every zoo family, one block per stage where the family has stages of blocks
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("dsnet_tiny", {"depths": (1, 1, 1, 1)}),
+        ("transxnet_t", {"depths": (1, 1, 1, 1)}),
+        ("mixformer_b0", {"depths": (1, 1, 1, 1)}),
+        ("mobile_former_26m", {}),
+    ],
+)
+def test_fp32_runtimes_agree_with_eager_at_two_shapes(name, kwargs, tmp_path):
     torch.manual_seed(0)
-    eager = _with_trained_like_norms(timm.create_model(name, num_classes=7, depths=(1, 1, 1, 1)))
+    eager = _with_trained_like_norms(timm.create_model(name, num_classes=7, **kwargs))
     onnx_path = tmp_path / "m.onnx"
     export_onnx(fuse(eager), onnx_path, image_size=(128, 128), dynamic_size=True)
     xml_path = export_openvino(onnx_path, tmp_path / "m.xml")

@@ -10,9 +10,8 @@ import dsnet  # noqa: F401
 from dsnet.cli.main import main
 from dsnet.export.onnx import check_onnx, export_onnx
 
-# The families whose ONNX graph stays exact at any input size from one export. MixFormer is not among them: the
-# exporter's symbolic simplification of its nested window/even-size padding arithmetic does not finish, so it is
-# exported at a fixed image size (with a symbolic batch), see test_export_dynamic_batch_fixed_size.
+# The families whose ONNX graph stays exact at any input size from one export (MixFormer too, from 33 px, see
+# test_mixformer_exports_with_a_dynamic_size).
 DYNAMIC_SIZE_FAMILIES = ["dsnet_tiny", "dsnet_tiny_concat", "transxnet_t"]
 
 
@@ -34,6 +33,24 @@ def test_export_dynamic_batch_and_size(name, tmp_path):
 
 
 @pytest.mark.slow
+def test_mixformer_exports_with_a_dynamic_size(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("mixformer_b0", num_classes=7, depths=(1, 1, 1, 1)).eval()
+    report = export_onnx(model, tmp_path / "mixformer_b0.onnx", image_size=(96, 80), dynamic_size=True)
+    # traced at 256 px internally (every stage ≥ 2 windows per side); checked at the asked size and an odd one
+    assert [c.shape for c in report.checks] == [(2, 3, 96, 80), (3, 3, 96, 80), (2, 3, 113, 89)]
+    assert report.max_abs_diff <= 1e-4, report.checks
+    # stage sides (after the stem's /4 and three ceil(/2)): 33 → 9, 5, 3, 2 (one window each, 2 px grids);
+    # 224 → 56, 28, 14, 7 (no window padding at all); 77×51 → odd sizes padded at every downsampling;
+    # 480×352 → several windows per side in every stage
+    shapes = [(1, 3, 33, 40), (4, 3, 224, 224), (1, 3, 77, 51), (1, 3, 480, 352)]
+    for check in check_onnx(model, report.path, shapes):
+        assert check.max_abs_diff <= 1e-4, check
+    with pytest.raises(ValueError, match="symbolic image size from 33 px"):
+        export_onnx(model, tmp_path / "never.onnx", image_size=(32, 64), dynamic_size=True)
+
+
+@pytest.mark.slow
 def test_export_dynamic_batch_fixed_size(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model("mixformer_b0", num_classes=7, depths=(1, 1, 1, 1))
@@ -41,8 +58,18 @@ def test_export_dynamic_batch_fixed_size(tmp_path):
     assert [c.shape for c in report.checks] == [(2, 3, 96, 80), (3, 3, 96, 80)]
     assert report.max_abs_diff <= 1e-4, report.checks
     assert check_onnx(model, report.path, [(5, 3, 96, 80)])[0].max_abs_diff <= 1e-4
+
+
+def test_export_refuses_a_symbolic_size_the_model_cannot_take(tmp_path):
+    class FixedSize(torch.nn.Module):
+        in_chans = 3
+        onnx_dynamic_size = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(1)
+
     with pytest.raises(ValueError, match="does not export with a symbolic image size"):
-        export_onnx(model, tmp_path / "never.onnx", image_size=(96, 80), dynamic_size=True)
+        export_onnx(FixedSize(), tmp_path / "never.onnx", image_size=(32, 32), dynamic_size=True)
 
 
 def test_export_reports_a_mismatch(tmp_path):

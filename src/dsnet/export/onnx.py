@@ -7,6 +7,18 @@ example large enough that no feature map has a side of 1 (≥ 128 px for the mod
 stream of DS-Net's last stage is 1×1 below that). The parity check therefore runs onnxruntime at a second
 batch size and, for dynamic spatial sizes, at a second image size, and compares with PyTorch.
 
+A model class can adjust a dynamic-size export with three class attributes (read with defaults):
+
+* ``onnx_min_size`` (default 32): the smallest height/width the symbolic dimensions admit;
+* ``onnx_trace_size`` (default 0): trace at least this large, so that no stage takes a special case at the example
+  (MixFormer: a stage of one attention window specializes the window count to 1);
+* ``onnx_deferred_asserts`` (default False): export through :func:`torch.export.export` with
+  ``prefer_deferred_runtime_asserts_over_guards=True``. Shape guards that torch.export's symbolic reasoning cannot
+  prove for every size (MixFormer's nested window / even-size padding arithmetic: ``n ≤ 7·ceil(n/7)``, "the padding
+  is not zero", ...) then become runtime assertions of the exported program instead of export failures; the ONNX
+  graph carries no such assertion, and the parity checks (tests: several sizes on both sides of every case) show
+  that it computes the model at every size.
+
 Example:
     >>> import timm, dsnet
     >>> from dsnet.export.onnx import export_onnx
@@ -88,7 +100,8 @@ def export_onnx(
         image_size: (H, W) of the example input used for tracing.
         in_chans: input channels; default ``model.in_chans`` or 3.
         dynamic_batch: make the batch dimension symbolic (the example batch is 2: a batch of 1 would specialize).
-        dynamic_size: make height and width symbolic too (minimum 32); trace at ≥ 128 px (see the module doc).
+        dynamic_size: make height and width symbolic too (from 32 px, or the model's ``onnx_min_size``); trace at
+            ≥ 128 px (see the module doc; a model's ``onnx_trace_size`` raises the example size).
         opset: ONNX opset version.
         check: run onnxruntime at two batch sizes (and a second image size when ``dynamic_size``) and compare.
         atol: largest accepted absolute difference; above it a :class:`ValueError` reports the figures.
@@ -107,27 +120,41 @@ def export_onnx(
         )
     chans = in_chans if in_chans is not None else int(getattr(model, "in_chans", 3))
     model = model.eval().to("cpu", torch.float32)
-    example = torch.randn(2 if dynamic_batch else 1, chans, *image_size)
+    min_size = int(getattr(model, "onnx_min_size", 32))
+    trace_size = image_size
+    if dynamic_size:
+        if min(image_size) < min_size:
+            raise ValueError(
+                f"{type(model).__name__} exports a symbolic image size from {min_size} px, got {image_size}"
+            )
+        trace_size = tuple(max(side, int(getattr(model, "onnx_trace_size", 0))) for side in image_size)
+    example = torch.randn(2 if dynamic_batch else 1, chans, *trace_size)
 
     def write(tmp: Path) -> None:
         sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+        dynamic_shapes = _dynamic_shapes(dynamic_batch, dynamic_size, min_size)
         with torch.no_grad(), sink:
+            exported: nn.Module | torch.export.ExportedProgram = model
+            if dynamic_size and getattr(model, "onnx_deferred_asserts", False):
+                exported = torch.export.export(
+                    model, (example,), dynamic_shapes=dynamic_shapes, prefer_deferred_runtime_asserts_over_guards=True
+                )
             torch.onnx.export(
-                model,
+                exported,
                 (example,),
                 str(tmp),
                 dynamo=True,
                 opset_version=opset,
                 input_names=["image"],
                 output_names=["output"],
-                dynamic_shapes=_dynamic_shapes(dynamic_batch, dynamic_size, 32),
+                dynamic_shapes=None if exported is not model else dynamic_shapes,
                 external_data=False,
             )
 
     atomic_write(path, write)
     report = ExportReport(path=path, opset=opset, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size)
     if check:
-        shapes = [tuple(example.shape)]
+        shapes = [(example.shape[0], chans, *image_size)]
         if dynamic_batch:
             shapes.append((3, chans, *image_size))
         if dynamic_size:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ import numpy as np
 from dsnet.data.images import ImageLoadError, load_image
 from dsnet.engine.inference import CheckpointInfo
 
-__all__ = ["CALIBRATION_METHODS", "quantize_onnx"]
+__all__ = ["CALIBRATION_METHODS", "quantize_onnx", "quantize_onnx_batches"]
 
 #: Calibration methods of onnxruntime.quantization (how the activation ranges are chosen).
 CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy")
@@ -59,6 +59,27 @@ def quantize_onnx(
     Raises:
         ValueError: no image given, or an unknown calibration method.
     """
+    if not files:
+        raise ValueError("int8 calibration needs images: point --calib at a folder of images like the inputs")
+    chosen = list(files)[:max_images]
+    return quantize_onnx_batches(
+        onnx_path, output, lambda: _calibration_batches(chosen, info, batch_size), method=method
+    )
+
+
+def quantize_onnx_batches(
+    onnx_path: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    batches: Callable[[], Iterable[np.ndarray]],
+    *,
+    method: str = "minmax",
+) -> Path:
+    """Write the int8 QDQ form of ``onnx_path`` to ``output``, calibrated on the float32 ``(B, C, H, W)`` arrays
+    that ``batches()`` yields (already preprocessed as at inference; called once per calibration pass).
+
+    Raises:
+        ValueError: an unknown calibration method.
+    """
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -68,17 +89,14 @@ def quantize_onnx(
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if not files:
-        raise ValueError("int8 calibration needs images: point --calib at a folder of images like the inputs")
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
     methods["entropy"] = CalibrationMethod.Entropy
     if method not in methods:
         raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
-    chosen = list(files)[:max_images]
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = _calibration_batches(chosen, info, batch_size)
+            self.batches = iter(batches())
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self.batches, None)

@@ -81,8 +81,10 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, channels_last: bool) -> torc
         channels_last: layout of ``x``.
     """
     height, width = (x.shape[1], x.shape[2]) if channels_last else (x.shape[-2], x.shape[-1])
-    pad_h = (multiple - height % multiple) % multiple
-    pad_w = (multiple - width % multiple) % multiple
+    # padded size = multiple · ceil(size / multiple), written as a product so that torch.export's symbolic shapes
+    # see at once that it divides by ``multiple`` (a nested ``(m - n % m) % m`` after each stage does not simplify)
+    pad_h = (height + multiple - 1) // multiple * multiple - height
+    pad_w = (width + multiple - 1) // multiple * multiple - width
     if channels_last:
         return F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     return F.pad(x, (0, pad_w, 0, pad_h))
@@ -444,12 +446,15 @@ class MixFormer(StagedBackboneMixin, nn.Module):
     Training needs at least 2 images per device: the channel interaction batch-normalises one pooled
     vector per image (as the official model does).
 
-    ONNX: export at a fixed image size (the batch can stay symbolic). With a symbolic height and width the
-    exporter's simplification of the nested window and even-size padding arithmetic does not finish.
+    ONNX: exports with a symbolic batch, height and width (from 33 px: at 32 the last stage is 1×1, a size
+    torch.export specializes). The example is traced at ≥ 256 px, where every stage has at least two windows per
+    side, and through deferred runtime assertions, see :mod:`dsnet.export.onnx`.
     """
 
-    #: Read by :func:`dsnet.export.onnx.export_onnx`, which refuses ``dynamic_size=True`` when False.
-    onnx_dynamic_size: bool = False
+    #: Read by :func:`dsnet.export.onnx.export_onnx` for a dynamic-size export (see that module).
+    onnx_min_size: int = 33
+    onnx_trace_size: int = 256
+    onnx_deferred_asserts: bool = True
 
     def __init__(
         self,
