@@ -2,7 +2,7 @@
 
 The reference model file (``ppcls/arch/backbone/model_zoo/dsnet.py`` of paddleclas 2.6.0, installed with
 ``--no-deps`` by ``scripts/test.sh``) is loaded by path (:mod:`dsnet.convert._paddle_reference`, shared with
-``benchmarks/speed.py``). Each variant gets random weights (BN running statistics included), is saved with
+``benchmarks/throughput.py --paddle``). Each variant gets random weights (BN running statistics included), is saved with
 ``paddle.save``, converted with ``dsnet convert paddle`` and loaded with ``timm.create_model(..., pretrained=True)``.
 """
 
