@@ -1,8 +1,8 @@
 """The real PaddleClas DS-Net, loaded by path: the reference our conversion and our speed are measured against.
 
-Used by ``tests/test_paddle_parity.py`` (logit parity of converted weights) and ``benchmarks/throughput.py --paddle`` (speed side
-by side). Needs ``paddlepaddle`` and ``paddleclas==2.6.0`` installed with ``--no-deps`` (``scripts/test.sh``); nothing
-here is imported by the rest of :mod:`dsnet`, so the package never depends on Paddle.
+Used by ``tests/test_paddle_parity.py`` (logit parity of converted weights) and ``benchmarks/throughput.py --paddle``
+(speed side by side). Needs ``paddlepaddle`` and ``paddleclas==2.6.0`` installed with ``--no-deps``
+(``scripts/test.sh``); nothing here is imported by the rest of :mod:`dsnet`, so the package never depends on Paddle.
 
 The reference model file (``ppcls/arch/backbone/model_zoo/dsnet.py``) is imported under a private package name
 without executing ``ppcls/__init__.py`` (which pulls in unrelated dependencies): its sibling
