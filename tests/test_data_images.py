@@ -15,7 +15,7 @@ from dsnet.data.datasets import (
     TransformedDataset,
     collate_with_bad_files,
 )
-from dsnet.data.images import ImageLoadError, decode_image, load_image
+from dsnet.data.images import ImageLoadError, load_image
 
 
 def test_grey_rgba_cmyk_16bit_palette_convert_correctly(tmp_path):
@@ -169,22 +169,6 @@ def test_decompression_bomb_is_a_per_file_error(bomb):
     assert bomb.stat().st_size < 1_000_000
     with pytest.raises(ImageLoadError, match=r"bomb\.png: 40000x40000 = 1600000000 pixels, over the limit"):
         load_image(bomb)
-    with pytest.raises(ImageLoadError, match=r"upload: 40000x40000 = 1600000000 pixels, over the limit"):
-        decode_image(bomb.read_bytes(), name="upload")
-
-
-def test_decode_image_reads_bytes_like_a_file(tmp_path):
-    from PIL import Image as PILImage
-
-    PILImage.new("LA", (5, 3), (40, 0)).save(tmp_path / "clear.png")
-    data = (tmp_path / "clear.png").read_bytes()
-    assert decode_image(data, "L").getpixel((0, 0)) == load_image(tmp_path / "clear.png", "L").getpixel((0, 0)) == 255
-    with pytest.raises(ImageLoadError, match=r"^post: not an image file"):
-        decode_image(b"hello, not a picture", name="post")
-    with pytest.raises(ImageLoadError, match=r"^post: empty file"):
-        decode_image(b"", name="post")
-    with pytest.raises(ImageLoadError, match=r"^post: corrupt or truncated"):
-        decode_image(data[: len(data) // 2], name="post")
 
 
 def test_pixel_limit_is_configurable(tmp_path, monkeypatch):

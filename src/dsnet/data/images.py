@@ -1,7 +1,5 @@
 """Opening image files robustly: every PIL mode becomes 8-bit ``RGB`` or ``L``, bad files raise a clear error.
 
-:func:`load_image` reads a file, :func:`decode_image` the same bytes held in memory (an HTTP upload).
-
 Conversions (``mode`` is the requested output, ``"RGB"`` or ``"L"``):
 
 * EXIF orientation is applied;
@@ -24,12 +22,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -38,7 +34,6 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS_ENV",
     "ImageLoadError",
-    "decode_image",
     "load_image",
     "max_image_pixels",
     "open_image",
@@ -96,26 +91,19 @@ def open_image(path: str | Path, max_pixels: int | None = None) -> Iterator[Imag
     Raises:
         ImageLoadError: not an image, or over the pixel limit (the message names the file, its size and the limit).
     """
-    with _open_checked(path, str(path), max_pixels) as opened:
-        yield opened
-
-
-@contextlib.contextmanager
-def _open_checked(source: str | Path | BinaryIO, name: str, max_pixels: int | None = None) -> Iterator[Image.Image]:
-    """:func:`open_image` of a path or binary stream, ``name`` starting every error message."""
     limit = max_pixels or max_image_pixels()
     try:
         with _size_checked_by_us():
-            opened = Image.open(source)
+            opened = Image.open(path)
     except UnidentifiedImageError as err:
-        raise ImageLoadError(f"{name}: not an image file PIL can read") from err
+        raise ImageLoadError(f"{path}: not an image file PIL can read") from err
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageLoadError(f"{name}: corrupt or truncated image ({err})") from err
+        raise ImageLoadError(f"{path}: corrupt or truncated image ({err})") from err
     with opened:
         width, height = opened.size
         if width * height > limit:
             raise ImageLoadError(
-                f"{name}: {width}x{height} = {width * height} pixels, over the limit of {limit} "
+                f"{path}: {width}x{height} = {width * height} pixels, over the limit of {limit} "
                 f"(a decompression bomb or an absurd size; set {MAX_PIXELS_ENV} to allow larger images)"
             )
         yield opened
@@ -152,29 +140,16 @@ def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
     Raises:
         ImageLoadError: empty, truncated, corrupt, non-image or too large file (the message names the file).
     """
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
     path = Path(path)
     try:
         size = path.stat().st_size
     except OSError as err:
         raise ImageLoadError(f"{path}: cannot read ({err.strerror or err})") from err
-    return _decode(path, str(path), size, mode)
-
-
-def decode_image(data: bytes, mode: str = "RGB", *, name: str = "image") -> Image.Image:
-    """:func:`load_image` of an image file's bytes held in memory (an upload); ``name`` starts every error message.
-
-    Raises:
-        ImageLoadError: as :func:`load_image`.
-    """
-    return _decode(io.BytesIO(data), name, len(data), mode)
-
-
-def _decode(source: Path | BinaryIO, name: str, size: int, mode: str) -> Image.Image:
-    if mode not in ("RGB", "L"):
-        raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
     if size == 0:
-        raise ImageLoadError(f"{name}: empty file (0 bytes)")
-    with _open_checked(source, name) as opened:
+        raise ImageLoadError(f"{path}: empty file (0 bytes)")
+    with open_image(path) as opened:
         try:
             with warnings.catch_warnings(), _size_checked_by_us():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -185,4 +160,4 @@ def _decode(source: Path | BinaryIO, name: str, size: int, mode: str) -> Image.I
         except ImageLoadError:
             raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-            raise ImageLoadError(f"{name}: corrupt or truncated image ({err})") from err
+            raise ImageLoadError(f"{path}: corrupt or truncated image ({err})") from err
