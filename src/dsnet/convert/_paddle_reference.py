@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from dsnet.errors import DSNetError
+
 __all__ = [
     "import_paddle",
     "load_reference_dsnet",
@@ -60,7 +62,7 @@ def set_paddle_threads(threads: int) -> None:
     this is the dygraph counterpart of ``torch.set_num_threads``.
     """
     if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
+        raise DSNetError(f"threads must be >= 1, got {threads}")
     paddle = import_paddle()
     paddle.base.core.set_num_threads(threads)
 

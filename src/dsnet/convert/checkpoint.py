@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsnet.errors import DSNetError
+
 __all__ = [
     "CheckpointMismatchError",
     "ConversionResult",
@@ -48,7 +50,7 @@ EMA_ENTRIES: tuple[str, ...] = ("state_dict_ema", "model_ema")
 STATE_DICT_ENTRIES: tuple[str, ...] = WEIGHT_ENTRIES + EMA_ENTRIES
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(DSNetError):
     """A state dict does not fit the target model (keys or shapes); the message lists every difference."""
 
 
@@ -122,11 +124,11 @@ def choose_entry(checkpoint: Mapping[str, Any], *, source: str, entry: str | Non
     of :data:`STATE_DICT_ENTRIES` present (trained weights before EMA), else None (the checkpoint is the state dict).
 
     Raises:
-        ValueError: ``entry`` is not in the checkpoint (the message lists what is).
+        DSNetError: ``entry`` is not in the checkpoint (the message lists what is).
     """
     if entry is not None:
         if entry not in checkpoint:
-            raise ValueError(
+            raise DSNetError(
                 f"{source}: no entry {entry!r} in the checkpoint (entries: {sorted(map(str, checkpoint))})"
             )
         return entry
@@ -166,16 +168,16 @@ def unwrap_state_dict(
     given to ``timm.create_model`` with ``pretrained_cfg_overlay=dict(file=...)``, ``checkpoint_filter_fn``).
 
     Raises:
-        ValueError: the requested entry is absent, or no mapping of names to tensors is found.
+        DSNetError: the requested entry is absent, or no mapping of names to tensors is found.
     """
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(
+        raise DSNetError(
             f"{source}: expected a dict (a state dict or a training checkpoint), found {type(checkpoint).__name__}"
         )
     used = choose_entry(checkpoint, source=source, entry=entry)
     if used is None:
         if not (checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values())):
-            raise ValueError(
+            raise DSNetError(
                 f"{source}: found no state dict: the checkpoint is not a mapping of names to tensors and has none of "
                 f"the entries {list(STATE_DICT_ENTRIES)} (entries: {sorted(map(str, checkpoint))}); "
                 f"pick one with {choose_with}"
@@ -185,12 +187,12 @@ def unwrap_state_dict(
         found = checkpoint[used]
     where = f"{source}[{used!r}]" if used else source
     if not isinstance(found, Mapping):
-        raise ValueError(f"{where}: expected a mapping of names to tensors, found {type(found).__name__}")
+        raise DSNetError(f"{where}: expected a mapping of names to tensors, found {type(found).__name__}")
     not_tensors = sorted(str(k) for k, v in found.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
-        raise ValueError(f"{where}: entries that are not tensors: {not_tensors[:10]}")
+        raise DSNetError(f"{where}: entries that are not tensors: {not_tensors[:10]}")
     if not found:
-        raise ValueError(f"{where}: the state dict is empty")
+        raise DSNetError(f"{where}: the state dict is empty")
     if used is not None and report is not None:
         report(entry_note(source, checkpoint, used, choose_with))
     return dict(found), used
@@ -212,18 +214,18 @@ def load_torch_checkpoint(
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a readable PyTorch checkpoint, or holds no state dict (see
+        DSNetError: the file is not a readable PyTorch checkpoint, or holds no state dict (see
             :func:`unwrap_state_dict`); also when it asks for a global outside the safe set.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     if os.path.isdir(path):
-        raise ValueError(f"{path}: is a directory, expected a .pth file")
+        raise DSNetError(f"{path}: is a directory, expected a .pth file")
     with open(path, "rb") as f:
         head = f.read(8)
     if not head:
-        raise ValueError(f"{path}: the file is empty")
+        raise DSNetError(f"{path}: the file is empty")
     # a pickle that is not a zip archive: a legacy torch.save file, or (more likely) a Paddle .pdparams
     hint = " (a Paddle .pdparams file? convert it with `dsnet convert paddle`)" if head[:1] == b"\x80" else ""
     try:
@@ -235,16 +237,16 @@ def load_torch_checkpoint(
         lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith(boilerplate)]
         refused = next((line for line in lines if "global" in line.lower()), None)
         if refused is not None:  # torch explains at length; keep the line that names the refused global
-            raise ValueError(
+            raise DSNetError(
                 f"{path}: refusing to load: the checkpoint needs more than plain tensors ({refused}). "
                 f"Nothing was executed.{hint}"
             ) from None
-        raise ValueError(
+        raise DSNetError(
             f"{path}: not a readable PyTorch checkpoint ({lines[0] if lines else 'unpickling error'}){hint}"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, AttributeError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({first}){hint}") from None
+        raise DSNetError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({first}){hint}") from None
     state_dict, used = unwrap_state_dict(checkpoint, source=path, entry=entry, report=report, choose_with=choose_with)
     return strip_prefix(state_dict), used
 
@@ -300,7 +302,7 @@ def read_checkpoint(
     ``report`` gets the line saying which entry is used).
 
     Raises:
-        FileNotFoundError, ValueError: as the two readers do; also for any other ``layout``.
+        FileNotFoundError, DSNetError: as the two readers do; also for any other ``layout``.
     """
     if layout == "paddle":
         from dsnet.convert.pickle_safe import load_pdparams
@@ -308,7 +310,7 @@ def read_checkpoint(
         return dict(load_pdparams(path)), None
     if layout == "torch":
         return load_torch_checkpoint(path, entry=entry, report=report)
-    raise ValueError(f"layout must be 'paddle' or 'torch', got {layout!r}")
+    raise DSNetError(f"layout must be 'paddle' or 'torch', got {layout!r}")
 
 
 @dataclass
@@ -370,13 +372,13 @@ def finish_conversion(
 
     Raises:
         CheckpointMismatchError: keys or shapes differ from ``target`` (every difference listed).
-        ValueError: NaN or inf in a floating-point tensor.
+        DSNetError: NaN or inf in a floating-point tensor.
     """
     expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
     verify_state_dict(state_dict, expected, source=source, target=model, hint=hint)
     non_finite = sorted(k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if non_finite:
-        raise ValueError(f"{source}: non-finite values (NaN/inf) in {len(non_finite)} tensors: {non_finite[:10]}")
+        raise DSNetError(f"{source}: non-finite values (NaN/inf) in {len(non_finite)} tensors: {non_finite[:10]}")
 
     metadata = {"format": "pt", "dsnet_model": model, "converted_from": f"{layout}:{os.path.basename(source)}"}
     save_safetensors_atomic(state_dict, output, metadata=metadata)
@@ -410,12 +412,12 @@ def read_weights_file(
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: unreadable file, unknown ``entry``, or ``entry`` given for a safetensors file.
+        DSNetError: unreadable file, unknown ``entry``, or ``entry`` given for a safetensors file.
     """
     path = os.fspath(path)
     if path.endswith(".safetensors"):
         if entry is not None:
-            raise ValueError(f"{path}: a safetensors file holds one state dict; entry={entry!r} applies to .pth files")
+            raise DSNetError(f"{path}: a safetensors file holds one state dict; entry={entry!r} applies to .pth files")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file")
         from safetensors import SafetensorError
@@ -424,7 +426,7 @@ def read_weights_file(
         try:
             return load_file(path)
         except (SafetensorError, OSError) as err:
-            raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt ({err})") from None
+            raise DSNetError(f"{path}: not a readable safetensors file, truncated or corrupt ({err})") from None
     state_dict, _ = load_torch_checkpoint(path, entry=entry, report=report, choose_with=choose_with)
     return state_dict
 
@@ -455,7 +457,7 @@ def pretrained_file_kwargs(
     entry = overlay.pop("entry", None)
     file = overlay.get("file")
     if entry is not None and not file:
-        raise ValueError(f"{variant}: pretrained_cfg_overlay entry={entry!r} needs file=<weights file>")
+        raise DSNetError(f"{variant}: pretrained_cfg_overlay entry={entry!r} needs file=<weights file>")
     if "pretrained_cfg_overlay" in out:
         out["pretrained_cfg_overlay"] = overlay
     out["pretrained_filter_fn"] = filter_fn
@@ -472,7 +474,7 @@ def pretrained_file_kwargs(
         try:
             return filter_fn(state_dict, model)
         except TypeError as err:  # timm would retry a TypeError with one argument and hide this one
-            raise ValueError(f"{path}: does not map onto {variant}: {err}") from None
+            raise DSNetError(f"{path}: does not map onto {variant}: {err}") from None
 
     out["pretrained_cfg_overlay"] = {**overlay, "state_dict": {"read_by_dsnet": path}}
     out["pretrained_filter_fn"] = read_then_filter

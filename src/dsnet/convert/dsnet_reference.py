@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from dsnet.convert.checkpoint import ConversionResult
+from dsnet.errors import DSNetError
 
 __all__ = [
     "BLOCK_MODULE_MAP",
@@ -119,14 +120,14 @@ def detect_layout(state_dict: Mapping[str, object]) -> Layout:
     """``"paddle"`` or ``"torch"`` from the BatchNorm statistic names (``_mean``/``_variance`` vs ``running_*``).
 
     Raises:
-        ValueError: both kinds of names are present, or neither (then the layout must be given explicitly).
+        DSNetError: both kinds of names are present, or neither (then the layout must be given explicitly).
     """
     paddle = any(k.endswith(("._mean", "._variance")) for k in state_dict)
     torch_ = any(k.endswith((".running_mean", ".running_var")) for k in state_dict)
     if paddle and torch_:
-        raise ValueError("the state dict mixes Paddle (_mean/_variance) and PyTorch (running_mean/var) BN statistics")
+        raise DSNetError("the state dict mixes Paddle (_mean/_variance) and PyTorch (running_mean/var) BN statistics")
     if not (paddle or torch_):
-        raise ValueError("cannot tell Paddle from PyTorch layout: the state dict has no BatchNorm running statistics")
+        raise DSNetError("cannot tell Paddle from PyTorch layout: the state dict has no BatchNorm running statistics")
     return "paddle" if paddle else "torch"
 
 
@@ -168,16 +169,16 @@ def reference_to_dsnet(
         our names → tensors, ready for :func:`dsnet.convert.checkpoint.verify_state_dict` and ``load_state_dict``.
 
     Raises:
-        ValueError: a name outside the key map, a statistic on a module that is not BatchNorm, a Linear weight that
+        DSNetError: a name outside the key map, a statistic on a module that is not BatchNorm, a Linear weight that
             is not 2-D, or a layout that contradicts the BN statistic names. The message lists every offending key.
     """
     detected = detect_layout(state_dict)
     if layout is None:
         layout = detected
     elif layout not in ("paddle", "torch"):
-        raise ValueError(f"layout must be 'paddle' or 'torch', got {layout!r}")
+        raise DSNetError(f"layout must be 'paddle' or 'torch', got {layout!r}")
     elif layout != detected:
-        raise ValueError(
+        raise DSNetError(
             f"the state dict is in {detected} layout (its BatchNorm statistics are named "
             f"{'_mean/_variance' if detected == 'paddle' else 'running_mean/running_var'}), not {layout} layout"
         )
@@ -216,7 +217,7 @@ def reference_to_dsnet(
             parts.append(f"  keys outside the key map ({len(unknown)}): {sorted(unknown)[:20]}")
         if bad:
             parts.append("  invalid entries:\n" + "\n".join(f"    {b}" for b in bad[:20]))
-        raise ValueError("\n".join(parts))
+        raise DSNetError("\n".join(parts))
     return out
 
 
@@ -276,7 +277,7 @@ def convert_reference_checkpoint(
         entry: for ``.pth`` training checkpoints, the entry holding the state dict (default: ``model``/``state_dict``).
 
     Raises:
-        FileNotFoundError, ValueError: unreadable or unsafe file, names outside the key map, unknown model, or a
+        FileNotFoundError, DSNetError: unreadable or unsafe file, names outside the key map, unknown model, or a
             mismatch with the model (:class:`~dsnet.convert.checkpoint.CheckpointMismatchError` lists it all).
     """
     from dsnet.convert.checkpoint import read_checkpoint
@@ -303,26 +304,26 @@ def convert_reference_state(
     output = os.fspath(output)
     if not is_reference_layout(raw):
         sample = sorted(raw)[:5]
-        raise ValueError(
+        raise DSNetError(
             f"{source}: not a reference DS-Net checkpoint (no patch_embed1.proj.* or blocks1.* keys; first keys: "
             f"{sample}). Files already in dsnet names load directly with load_state_dict."
         )
     try:
         state_dict = reference_to_dsnet(raw, layout=layout)
     except ValueError as err:
-        raise ValueError(f"{source}: {err}") from None
+        raise DSNetError(f"{source}: {err}") from None
 
     depths = infer_depths(state_dict)
     if model is None:
         model = variant_for_depths(depths)
         if model is None:
             known = ", ".join(f"{n} {list(d)}" for n, d in VARIANT_DEPTHS.items())
-            raise ValueError(
+            raise DSNetError(
                 f"{source}: cannot infer the model: {list(depths)} blocks per stage match no released variant "
                 f"({known}); pass --model"
             )
     if model not in timm.list_models():
-        raise ValueError(f"unknown model {model!r}; DS-Net models: {', '.join(timm.list_models('dsnet*'))}")
+        raise DSNetError(f"unknown model {model!r}; DS-Net models: {', '.join(timm.list_models('dsnet*'))}")
     head = state_dict.get("head.fc.weight")
     num_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else 1000
     with torch.device("meta"):

@@ -39,6 +39,7 @@ from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from dsnet.detection.ds_fpn import DSFPN, DSPosition
+from dsnet.errors import DSNetError
 
 __all__ = ["NECKS", "NORM_MODES", "BackboneWithPyramid", "create_backbone", "maskrcnn", "retinanet"]
 
@@ -112,9 +113,9 @@ class BackboneWithPyramid(nn.Module):
     ) -> None:
         super().__init__()
         if not 0 <= trainable_stages <= 4:
-            raise ValueError(f"trainable_stages must be between 0 and 4, got {trainable_stages}")
+            raise DSNetError(f"trainable_stages must be between 0 and 4, got {trainable_stages}")
         if norm not in NORM_MODES:
-            raise ValueError(f"unknown backbone norm mode {norm!r}; expected one of {NORM_MODES}")
+            raise DSNetError(f"unknown backbone norm mode {norm!r}; expected one of {NORM_MODES}")
         self.in_levels = tuple(in_levels)
         self.trainable_stages = trainable_stages
         self.norm = norm
@@ -183,11 +184,11 @@ def create_backbone(
         **model_kwargs: passed to :func:`timm.create_model` (e.g. ``drop_path_rate``).
     """
     if neck not in NECKS:
-        raise ValueError(f"unknown neck {neck!r}; expected one of {NECKS}")
+        raise DSNetError(f"unknown neck {neck!r}; expected one of {NECKS}")
     if not in_levels or any(i not in range(4) for i in in_levels) or list(in_levels) != sorted(set(in_levels)):
-        raise ValueError(f"in_levels must be increasing indices among 0..3 (C2..C5), got {in_levels}")
+        raise DSNetError(f"in_levels must be increasing indices among 0..3 (C2..C5), got {in_levels}")
     if not timm.is_model(name):
-        raise ValueError(f"unknown backbone {name!r}: not a timm model (dsnet models: dsnet.models.list_zoo())")
+        raise DSNetError(f"unknown backbone {name!r}: not a timm model (dsnet models: dsnet.models.list_zoo())")
     if checkpoint is not None:
         from pathlib import Path
 
@@ -200,7 +201,7 @@ def create_backbone(
     )
     reductions = tuple(body.feature_info.reduction())
     if reductions != _STAGE_REDUCTIONS:
-        raise ValueError(f"backbone {name!r} has feature levels of stride {reductions}; expected {_STAGE_REDUCTIONS}")
+        raise DSNetError(f"backbone {name!r} has feature levels of stride {reductions}; expected {_STAGE_REDUCTIONS}")
     channels = body.feature_info.channels()
     fpn = DSFPN(
         [channels[i] for i in in_levels],
@@ -258,7 +259,7 @@ def retinanet(
     )
     if anchor_sizes is not None:
         if len(anchor_sizes) != 5:
-            raise ValueError(f"anchor_sizes needs one size per level P3–P7 (5), got {anchor_sizes}")
+            raise DSNetError(f"anchor_sizes needs one size per level P3–P7 (5), got {anchor_sizes}")
         # torchvision's RetinaNet anchors: 3 scales (2^0, 2^(1/3), 2^(2/3)) × 3 ratios per level
         scales = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
         kwargs["anchor_generator"] = AnchorGenerator(
@@ -302,7 +303,7 @@ def maskrcnn(
     )
     if anchor_sizes is not None:
         if len(anchor_sizes) != 5:
-            raise ValueError(f"anchor_sizes needs one size per level P2–P6 (5), got {anchor_sizes}")
+            raise DSNetError(f"anchor_sizes needs one size per level P2–P6 (5), got {anchor_sizes}")
         kwargs["rpn_anchor_generator"] = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
     return MaskRCNN(body, num_classes, min_size=min_size, max_size=max_size, **kwargs)
 

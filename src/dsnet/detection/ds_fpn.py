@@ -65,6 +65,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
+from dsnet.errors import DSNetError
+
 __all__ = [
     "DSFPN",
     "DS_POSITIONS",
@@ -190,16 +192,16 @@ class DSFPN(nn.Module):
     ) -> None:
         super().__init__()
         if position not in DS_POSITIONS:
-            raise ValueError(f"unknown DS-FPN position {position!r}; expected one of {DS_POSITIONS}")
+            raise DSNetError(f"unknown DS-FPN position {position!r}; expected one of {DS_POSITIONS}")
         if extra_levels not in (None, "p6p7", "maxpool"):
-            raise ValueError(f"unknown extra_levels {extra_levels!r}; expected 'p6p7', 'maxpool' or None")
+            raise DSNetError(f"unknown extra_levels {extra_levels!r}; expected 'p6p7', 'maxpool' or None")
         if not in_channels_list or any(c <= 0 for c in in_channels_list):
-            raise ValueError(f"in_channels_list must be non-empty positive channel counts, got {in_channels_list}")
+            raise DSNetError(f"in_channels_list must be non-empty positive channel counts, got {in_channels_list}")
         if strides is None:
             first = 8 if len(in_channels_list) == 3 else 4
             strides = [first * 2**i for i in range(len(in_channels_list))]
         if len(strides) != len(in_channels_list):
-            raise ValueError(f"{len(strides)} strides given for {len(in_channels_list)} levels")
+            raise DSNetError(f"{len(strides)} strides given for {len(in_channels_list)} levels")
         block_kwargs = {"alignment": True, **(block_kwargs or {})}
         extra_block_kwargs = {"alignment": False, **(extra_block_kwargs or {})}
         self.position = position

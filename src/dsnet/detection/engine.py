@@ -46,6 +46,7 @@ from dsnet.engine.config import (
     load_typed_config,
     model_min_input,
 )
+from dsnet.errors import DSNetError
 
 __all__ = [
     "DetectionConfig",
@@ -148,7 +149,7 @@ def load_detection_config(
     """
     cfg = load_typed_config(DetectionConfig, path, overrides, check=_check_detection)
     if cfg.model.arch not in ("retinanet", "maskrcnn"):
-        raise ValueError(f"model.arch must be 'retinanet' or 'maskrcnn', got {cfg.model.arch!r}")
+        raise DSNetError(f"model.arch must be 'retinanet' or 'maskrcnn', got {cfg.model.arch!r}")
     return cfg
 
 
@@ -182,10 +183,10 @@ DETECTION_RANGES: dict[str, Bound] = {
 def _check_detection(cfg: DetectionConfig, where: str) -> None:
     check_ranges(cfg, DETECTION_RANGES, where)
     if cfg.model.max_size < cfg.model.min_size:
-        raise ValueError(f"{where}: model.max_size={cfg.model.max_size} is below model.min_size={cfg.model.min_size}")
+        raise DSNetError(f"{where}: model.max_size={cfg.model.max_size} is below model.min_size={cfg.model.min_size}")
     min_input = model_min_input(cfg.model.backbone)
     if cfg.model.min_size < min_input:
-        raise ValueError(
+        raise DSNetError(
             f"{where}: model.min_size={cfg.model.min_size} is too small for {cfg.model.backbone}; "
             f"it takes inputs of at least {min_input}x{min_input} px"
         )
@@ -335,7 +336,7 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
     set_threads(r.threads, device)
     amp_dtype = resolve_amp(r.amp, device)
     if cfg.data.batch_size % world:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {world} processes")
+        raise DSNetError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {world} processes")
     micro = cfg.data.batch_size // world
     if resume_dir is None and main:
         check_writable_folder(r.output_dir, f"run.output_dir={r.output_dir}")

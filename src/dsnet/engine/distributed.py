@@ -12,6 +12,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from dsnet.errors import DSNetError
+
 T = TypeVar("T")
 
 __all__ = [
@@ -52,7 +54,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"train.device={name!r} but CUDA is not available on this machine")
+            raise DSNetError(f"train.device={name!r} but CUDA is not available on this machine")
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
     return device

@@ -13,6 +13,7 @@ from timm.utils import accuracy
 from torch import nn
 
 from dsnet.engine.distributed import all_reduce_sum
+from dsnet.errors import DSNetError
 
 __all__ = ["EvalResult", "evaluate"]
 
@@ -91,7 +92,7 @@ def evaluate(
             logits = model(images)
         logits = logits.float()
         if logits.shape[-1] != num_classes:
-            raise ValueError(f"the model predicts {logits.shape[-1]} classes but the dataset has {num_classes}")
+            raise DSNetError(f"the model predicts {logits.shape[-1]} classes but the dataset has {num_classes}")
         acc1, acck = accuracy(logits, targets, topk=(1, maxk))
         n = targets.numel()
         sums += torch.tensor(

@@ -42,6 +42,7 @@ from dsnet.engine.config import RunConfig, load_config
 from dsnet.engine.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
 from dsnet.engine.evaluate import EvalResult, autocast_context, evaluate
 from dsnet.engine.report import MetricsLog, Progress, plot_confusion, plot_curves, strict_json
+from dsnet.errors import DSNetError
 
 __all__ = [
     "NonFiniteLossError",
@@ -62,7 +63,7 @@ __all__ = [
 _PAUSE_ENV = "DSNET_TEST_PAUSE_AFTER_CHECKPOINT"
 
 
-class NonFiniteLossError(ValueError):
+class NonFiniteLossError(DSNetError):
     """The training loss became NaN or infinite."""
 
 
@@ -102,9 +103,9 @@ def resolve_amp(amp: str, device: torch.device, *, cpuinfo: str = "/proc/cpuinfo
         return torch.bfloat16
     if amp == "fp16":
         if device.type != "cuda":
-            raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 or none on CPU")
+            raise DSNetError("train.amp=fp16 needs a CUDA device; use bf16 or none on CPU")
         return torch.float16
-    raise ValueError(f"unknown train.amp {amp!r}; expected auto, native, none, bf16 or fp16")
+    raise DSNetError(f"unknown train.amp {amp!r}; expected auto, native, none, bf16 or fp16")
 
 
 def cpu_times(stat_path: str = "/proc/stat") -> tuple[int, int]:
@@ -165,14 +166,14 @@ def set_threads(requested: int | None, device: torch.device) -> None:
 
 
 def check_model_name(name: str) -> None:
-    """Raise ValueError (with similar names) when timm does not know ``name``."""
+    """Raise DSNetError (with similar names) when timm does not know ``name``."""
     import timm
 
     import dsnet  # noqa: F401  (registers the zoo)
 
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise ValueError(f"unknown model {name!r}" + (f"; similar names: {', '.join(close)}" if close else ""))
+        raise DSNetError(f"unknown model {name!r}" + (f"; similar names: {', '.join(close)}" if close else ""))
 
 
 def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
@@ -202,12 +203,12 @@ def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
         head = {k for k in skipped if own[k].shape[:1] == (num_classes,) or k.endswith(".bias")}
         if set(skipped) - head:
             bad = sorted(set(skipped) - head)[0]
-            raise ValueError(
+            raise DSNetError(
                 f"{m.init_weights}: shape of {bad} is {tuple(state[bad].shape)}, the model has {tuple(own[bad].shape)}"
             )
         missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
         if unexpected or set(missing) - head:
-            raise ValueError(f"{m.init_weights}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+            raise DSNetError(f"{m.init_weights}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
         if head:
             print(f"init_weights: classifier {sorted(head)} re-initialised for {num_classes} classes", file=sys.stderr)
     return model
@@ -245,7 +246,7 @@ class _BadFiles:
                 self.seen.append(message)
                 warnings.warn(f"skipped unreadable image: {message}", stacklevel=2)
         if self.limit is not None and len(self.seen) > self.limit:
-            raise ValueError(
+            raise DSNetError(
                 f"{len(self.seen)} unreadable images (train.max_bad_files={self.limit}); last: {self.seen[-1]}"
             )
 
@@ -287,25 +288,25 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
     amp_dtype = resolve_amp(t.amp, device)
     world = dist_info.world_size
     if t.batch_size % (world * t.accum_steps):
-        raise ValueError(
+        raise DSNetError(
             f"train.batch_size={t.batch_size} must be divisible by processes × accum_steps = {world} × {t.accum_steps}"
         )
     micro = t.batch_size // (world * t.accum_steps)
     mixing = d.mixup > 0 or d.cutmix > 0
     if mixing and micro % 2:
-        raise ValueError(f"mixup/cutmix need an even per-process micro-batch, got {micro}; change train.batch_size")
+        raise DSNetError(f"mixup/cutmix need an even per-process micro-batch, got {micro}; change train.batch_size")
 
     check_model_name(cfg.model.name)  # fail before reading the data
     if resume_dir is None and main:
         check_writable_folder(t.output_dir, f"train.output_dir={t.output_dir}")
     if d.pipeline not in PIPELINES:
-        raise ValueError(f"unknown data.pipeline {d.pipeline!r}; expected one of {', '.join(PIPELINES)}")
+        raise DSNetError(f"unknown data.pipeline {d.pipeline!r}; expected one of {', '.join(PIPELINES)}")
     # data
     train_set = build_dataset(d, "train", cfg.model.in_chans)
     val_set = build_dataset(d, "val", cfg.model.in_chans, classes=train_set.classes)
     num_classes = cfg.model.num_classes or len(train_set.classes)
     if num_classes != len(train_set.classes):
-        raise ValueError(f"model.num_classes={num_classes} but the training set has {len(train_set.classes)} classes")
+        raise DSNetError(f"model.num_classes={num_classes} but the training set has {len(train_set.classes)} classes")
     train_data = TransformedDataset(train_set, build_transform(d, cfg.model.in_chans, True), t.seed)
     val_data = TransformedDataset(val_set, build_transform(d, cfg.model.in_chans, False), t.seed, replace_bad=False)
     sampler = ShardedEpochSampler(len(train_data), t.batch_size, rank=dist_info.rank, world_size=world, seed=t.seed)
@@ -393,7 +394,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
     if point is not None:
         saved = tuple(point.metadata.get("classes") or ())
         if saved and saved != tuple(train_set.classes):
-            raise ValueError(
+            raise DSNetError(
                 f"cannot resume {run_dir}: it was trained on {len(saved)} classes {list(saved)[:5]} but the "
                 f"{d.dataset} training set in {d.root} now has {len(train_set.classes)} "
                 f"{list(train_set.classes)[:5]}; restore the class folders or start a new run"

@@ -36,6 +36,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dsnet.errors import DSNetError
+
 __all__ = ["BASE_URL_ENV", "WeightsDownloadError", "fetch_release", "pretrained_kwargs", "weights_dir"]
 
 #: Environment variable: a base URL that replaces the folder of every release URL (mirrors, tests).
@@ -214,7 +216,7 @@ def _download(model: str, url: str, dest: Path, sha256: str | None) -> None:
         found = _sha256(partial)
         if found != sha256:
             partial.unlink()
-            raise ValueError(
+            raise DSNetError(
                 f"{model}: the file downloaded from {url} has sha256 {found}, the release's is {sha256}: deleted it "
                 f"(not cached); call again to download it anew, or {_manual_route(model, url, dest)}"
             )
@@ -248,7 +250,7 @@ def fetch_release(model: str, url: str, *, entry: str | None = None) -> Path:
     Raises:
         WeightsDownloadError: no network, an HTTP error or a transfer cut too often (the message names the URL,
             the file to fetch by hand, where to put it and the ``dsnet convert`` command).
-        ValueError: the file has the wrong hash or is not a checkpoint of ``model`` (it is deleted, not cached).
+        DSNetError: the file has the wrong hash or is not a checkpoint of ``model`` (it is deleted, not cached).
     """
     from dsnet.convert.zoo import convert_checkpoint
 
@@ -276,7 +278,7 @@ def fetch_release(model: str, url: str, *, entry: str | None = None) -> Path:
                 kept = f"kept in the cache: the error may be the entry asked for, {entry!r}"
             else:
                 kept = "the file has the release's hash, so it stays cached"
-            raise ValueError(
+            raise DSNetError(
                 f"{model}: {dest} (from {url}) could not be converted ({kept}): {err}. "
                 f"Manual route: {_manual_route(model, url, dest)}"
             ) from None
@@ -284,11 +286,11 @@ def fetch_release(model: str, url: str, *, entry: str | None = None) -> Path:
     return converted
 
 
-def _no_release_error(model: str, cfg: Any, reason: str | None, layout: str) -> ValueError:
+def _no_release_error(model: str, cfg: Any, reason: str | None, layout: str) -> DSNetError:
     origin = getattr(cfg, "origin_url", None)
     why = reason or f"no weights were released for {model}"
     fetch = f"get the file by hand ({origin})" if origin else "take a checkpoint of your own"
-    return ValueError(
+    return DSNetError(
         f"{model}: pretrained=True has nothing to download: {why}. To load weights anyway, {fetch}, convert it with "
         f"`dsnet convert {layout} <file> {model}.safetensors --model {model}` and pass "
         f"pretrained_cfg_overlay=dict(file='{model}.safetensors')"
@@ -315,7 +317,7 @@ def pretrained_kwargs(
             Drive page"); the error adds the manual route.
 
     Raises:
-        ValueError: ``pretrained=True`` and the cfg has no ``url`` (the message names the manual route); or as
+        DSNetError: ``pretrained=True`` and the cfg has no ``url`` (the message names the manual route); or as
             :func:`fetch_release`.
         WeightsDownloadError: as :func:`fetch_release`.
     """

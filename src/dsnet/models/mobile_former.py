@@ -67,6 +67,7 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from dsnet.errors import DSNetError
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
 from dsnet.models._pretrained import pretrained_kwargs
 from dsnet.models._stages import StagedBackboneMixin
@@ -201,7 +202,7 @@ class MobileToFormer(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if dim % num_heads:
-            raise ValueError(f"Mobile→Former: width {dim} is not divisible by num_heads={num_heads}")
+            raise DSNetError(f"Mobile→Former: width {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.q = nn.Linear(token_dim, dim, **dd)
         self.gate = nn.Linear(token_dim, dim, **dd)
@@ -232,7 +233,7 @@ class Former(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if token_dim % num_heads:
-            raise ValueError(f"Former: token width {token_dim} is not divisible by num_heads={num_heads}")
+            raise DSNetError(f"Former: token width {token_dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.q = nn.Linear(token_dim, token_dim, **dd)
         self.proj = nn.Linear(token_dim, token_dim, **dd)
@@ -264,7 +265,7 @@ class FormerToMobile(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if dim % num_heads:
-            raise ValueError(f"Former→Mobile: width {dim} is not divisible by num_heads={num_heads}")
+            raise DSNetError(f"Former→Mobile: width {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.k = nn.Linear(token_dim, dim, **dd)
         self.v = nn.Linear(token_dim, dim, **dd)
@@ -426,7 +427,7 @@ class MobileFormerBlock(nn.Module):
         elif args.stride == 1:
             self.mobile = MobileSubBlock(in_chs, out_chs, args.expansion, token_dim, groups, **dd)
         else:
-            raise ValueError(f"Mobile-Former blocks have stride 1 or 2, got {args.stride}")
+            raise DSNetError(f"Mobile-Former blocks have stride 1 or 2, got {args.stride}")
         self.has_skip = args.stride == 1 and in_chs == out_chs
         self.drop_path = DropPath(drop_path) if drop_path > 0 and self.has_skip else nn.Identity()
         self.former_to_mobile = FormerToMobile(out_chs, token_dim, bridge_heads, drop_path=drop_path, **dd)
@@ -526,7 +527,7 @@ class MobileFormerHead(nn.Module):
         """New classifier with ``num_classes`` outputs (0: none). Pooling is always average (``pool_type`` "avg",
         or None to keep it); ``in_features`` switches to ``map_only`` (pooling of a plain map, no classifier)."""
         if pool_type not in (None, "", "avg"):
-            raise ValueError(f"Mobile-Former's head pools by average only; global_pool={pool_type!r}")
+            raise DSNetError(f"Mobile-Former's head pools by average only; global_pool={pool_type!r}")
         if in_features is not None:
             self.map_only = True
             self.fc = nn.Identity()
@@ -603,9 +604,9 @@ class MobileFormer(StagedBackboneMixin, nn.Module):
         dd = {"device": device, "dtype": dtype}
         block_args = [BlockArgs(*b) for b in blocks]
         if len(block_args) < 2 or block_args[0].expansion2 != 0 or any(b.expansion2 == 0 for b in block_args[1:]):
-            raise ValueError("MobileFormer: blocks must be a token-free first block (expansion2=0), then token blocks")
+            raise DSNetError("MobileFormer: blocks must be a token-free first block (expansion2=0), then token blocks")
         if global_pool not in ("avg", ""):
-            raise ValueError(f"MobileFormer pools by average only; global_pool={global_pool!r}")
+            raise DSNetError(f"MobileFormer pools by average only; global_pool={global_pool!r}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -707,7 +708,7 @@ class MobileFormer(StagedBackboneMixin, nn.Module):
         ``norm=True`` turns the last stage's map into the final features (bridge + token 0 appended).
         """
         if output_fmt != "NCHW":
-            raise ValueError(f"MobileFormer features are NCHW; output_fmt={output_fmt!r} is not supported")
+            raise DSNetError(f"MobileFormer features are NCHW; output_fmt={output_fmt!r} is not supported")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_idx = len(self.stages) - 1
         x, tokens = self._forward_stem(x)
@@ -809,7 +810,7 @@ def release_key_to_ours(key: str, block_paths: Sequence[tuple[str, bool]]) -> st
         block_paths: for the release's ``features.{i}`` with i ≥ 1, our block path and whether it downsamples.
 
     Raises:
-        ValueError: a key that is not part of that release's models.
+        DSNetError: a key that is not part of that release's models.
     """
     if key == "tokens.weight":
         return "global_tokens"
@@ -825,7 +826,7 @@ def release_key_to_ours(key: str, block_paths: Sequence[tuple[str, bool]]) -> st
         mobile = _MOBILE_STRIDE2 if downsamples else _MOBILE_STRIDE1
         if rest in mobile:
             return f"{path}.mobile.{mobile[rest]}.{param}"
-    raise ValueError(f"{key!r} is not a parameter of an AAboys/MobileFormer model of this size")
+    raise DSNetError(f"{key!r} is not a parameter of an AAboys/MobileFormer model of this size")
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MobileFormer) -> dict[str, torch.Tensor]:
@@ -838,7 +839,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MobileFormer) -> 
     already in our names passes through unchanged.
 
     Raises:
-        ValueError: a key the release's models do not have, or keys/shapes that do not fit ``model``.
+        DSNetError: a key the release's models do not have, or keys/shapes that do not fit ``model``.
     """
     from dsnet.convert.checkpoint import state_dict_of, verify_state_dict
 
