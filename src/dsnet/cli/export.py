@@ -58,10 +58,10 @@ def run(args: argparse.Namespace) -> int:
 
     import dsnet  # noqa: F401  (registers the zoo)
     from dsnet._io import check_writable_folder
-    from dsnet.errors import DSNetError
     from dsnet.deploy import fuse
     from dsnet.deploy.runtime import load_for_inference, write_artefact_info
     from dsnet.engine.inference import collect_images, load_checkpoint
+    from dsnet.errors import DSNetError
     from dsnet.export.onnx import check_onnx, export_onnx
 
     torch.set_num_threads(args.threads or torch.get_num_threads())

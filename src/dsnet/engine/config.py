@@ -5,9 +5,9 @@ A recipe is either nested (``optim: {lr: 0.001}``) or, for the zoo's ImageNet re
 
     dsnet train --config configs/fashion_mnist/dsnet_tiny.yaml --set optim.lr=0.002 --set sched.epochs=3
 
-Unknown keys raise :class:`~dsnet.errors.DSNetError` naming the key and the valid ones; so do values out of their allowed range
-(:data:`RUN_RANGES`, checked after the recipe and the overrides are applied) and YAML syntax errors (with the file,
-line and column).
+Unknown keys raise :class:`~dsnet.errors.DSNetError` naming the key and the valid ones; so do values out of their
+allowed range (:data:`RUN_RANGES`, checked after the recipe and the overrides are applied) and YAML syntax errors
+(with the file, line and column).
 
 Example:
     >>> cfg = load_config(None, ["model.name=resnet18", "optim.lr=0.01"])
