@@ -44,7 +44,8 @@ def evaluate_checkpoint(
     from dsnet.engine.evaluate import evaluate
     from dsnet.engine.inference import load_checkpoint
     from dsnet.engine.report import Progress, plot_confusion
-    from dsnet.engine.trainer import atomic_json, resolve_amp
+    from dsnet.engine.runtime import resolve_amp
+    from dsnet.engine.trainer import atomic_json
 
     checkpoint = Path(checkpoint)
     with user_errors_as_dsnet():
@@ -59,7 +60,7 @@ def evaluate_checkpoint(
     cfg = load_config(config, overrides)
     device = resolve_device(cfg.train.device)
     if cfg.train.threads or device.type == "cpu":
-        from dsnet.engine.trainer import auto_threads
+        from dsnet.engine.runtime import auto_threads
 
         torch.set_num_threads(cfg.train.threads or auto_threads())
     if backend == "torch":

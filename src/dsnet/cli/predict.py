@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
     from dsnet.engine.distributed import resolve_device
     from dsnet.engine.inference import collect_images, predict_files
     from dsnet.engine.report import strict_json
-    from dsnet.engine.trainer import auto_threads
+    from dsnet.engine.runtime import auto_threads
 
     torch.set_num_threads(args.threads or auto_threads())
     classes = None
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
         with open(args.classes) as handle:
             classes = tuple(line.strip() for line in handle if line.strip())
     if args.backend in (None, "torch") and not str(args.checkpoint).lower().endswith((".onnx", ".xml")):
-        device = resolve_device(args.device)
+        device = resolve_device(args.device, key="--device")
         with user_errors_as_dsnet():
             model, info = load_for_inference(
                 args.checkpoint,

@@ -116,8 +116,8 @@ class DetRunConfig:
     seed: int = 0  # initialisation, data order, flips, the detectors' own samplers
     device: str = "auto"  # "auto" (cuda:<local rank> if available, else cpu), "cpu", "cuda", ...
     amp: str = "auto"  # "auto" (bf16 on cuda with bf16, else off), "native" (also bf16 on CPUs with AVX512-BF16/AMX),
-    # "none", "bf16", "fp16" (cuda); see dsnet.engine.trainer.resolve_amp
-    threads: int | None = None  # torch CPU threads per process; None: dsnet.engine.trainer.auto_threads
+    # "none", "bf16", "fp16" (cuda); see dsnet.engine.runtime.resolve_amp
+    threads: int | None = None  # torch CPU threads per process; None: dsnet.engine.runtime.auto_threads
     output_dir: str = "runs"
     name: str | None = None  # run name; the folder is <name>-<timestamp>; None: "<arch>-<backbone>-<neck>"
     log_interval: int = 20  # updates between step records
@@ -248,8 +248,8 @@ def evaluate(
     from dsnet.detection.data import collate
     from dsnet.detection.metrics import coco_evaluate, coco_from_dict, to_coco_results
     from dsnet.engine.distributed import all_gather_objects, broadcast_object, rank_and_world
-    from dsnet.engine.evaluate import autocast_context
     from dsnet.engine.report import Progress
+    from dsnet.engine.runtime import autocast_context
 
     device = torch.device(device)
     masks = bool(getattr(model, "roi_heads", None) is not None and model.roi_heads.has_mask())
@@ -313,7 +313,7 @@ def train(cfg: DetectionConfig | None = None, *, resume: str | Path | None = Non
     from dsnet.engine.distributed import cleanup, init_distributed
 
     cfg, resume_dir = resolve_run(cfg, resume, load_detection_config)
-    dist_info, device = init_distributed(cfg.run.device)
+    dist_info, device = init_distributed(cfg.run.device, key="run.device")
     try:
         return _train(cfg, dist_info, device, resume_dir)
     finally:
@@ -328,13 +328,13 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
     from dsnet.detection.data import collate
     from dsnet.engine import checkpoint as ckpt
     from dsnet.engine.distributed import all_reduce_sum, barrier
-    from dsnet.engine.evaluate import autocast_context
     from dsnet.engine.report import MetricsLog, Progress, format_metric
-    from dsnet.engine.trainer import atomic_json, make_run_dir, resolve_amp, set_threads, update_seed
+    from dsnet.engine.runtime import autocast_context, check_finite_loss, resolve_amp, seed_update, set_threads
+    from dsnet.engine.trainer import atomic_json, make_run_dir
 
     r, main, world = cfg.run, dist_info.is_main, dist_info.world_size
     set_threads(r.threads, device)
-    amp_dtype = resolve_amp(r.amp, device)
+    amp_dtype = resolve_amp(r.amp, device, key="run.amp")
     if cfg.data.batch_size % world:
         raise DSNetError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {world} processes")
     micro = cfg.data.batch_size // world
@@ -427,19 +427,21 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
         train_model.train()
         update_in_epoch, tic = first, time.perf_counter()
         for images, targets in loader:
-            torch.manual_seed(update_seed(r.seed, update, dist_info.rank))  # the detectors' box samplers
+            seed_update(r.seed, update, dist_info.rank)  # the detectors' box samplers
             images = [im.to(device, non_blocking=True) for im in images]
             targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
             with autocast_context(device, amp_dtype):
                 losses = train_model(images, targets)
             losses = {k: v.float() for k, v in losses.items()}
             loss = sum(losses.values())
-            finite = torch.isfinite(loss.detach()).to(torch.float64)
-            if float(all_reduce_sum(finite) / world) < 1:  # every rank stops together
-                raise FloatingPointError(
-                    f"training loss is {loss.item():.4g} at epoch {epoch + 1}, update {update} "
-                    f"(lr {optimizer.param_groups[0]['lr']:.3g}); lower optim.lr or keep optim.clip_grad set"
-                )
+            check_finite_loss(
+                loss,
+                epoch=epoch,
+                update=update,
+                lr=optimizer.param_groups[0]["lr"],
+                advice="lower optim.lr, keep optim.clip_grad set, or use run.amp=none",
+                world_size=world,
+            )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.optim.clip_grad:

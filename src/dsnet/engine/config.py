@@ -131,7 +131,7 @@ class TrainConfig:
     seed: int = 0  # seed of initialisation, data order, augmentation and stochastic depth
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
     amp: str = "auto"  # "auto" (bf16 on cuda with bf16, else off), "native" (also bf16 on CPUs with AVX512-BF16/AMX),
-    # "none", "bf16", "fp16" (cuda); see dsnet.engine.trainer.resolve_amp
+    # "none", "bf16", "fp16" (cuda); see dsnet.engine.runtime.resolve_amp
     channels_last: bool = False  # NHWC memory format
     compile: bool = False  # torch.compile the model
     threads: int | None = None  # torch CPU threads per rank; None: the cores not busy now, see auto_threads
