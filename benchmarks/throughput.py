@@ -401,8 +401,8 @@ def run(
     ``artefacts``: a folder that keeps the ONNX and int8 files (reused when present: delete them after changing a
     model); default a temporary folder.
     """
+    from dsnet._io import strict_json
     from dsnet.bench.complexity import count_macs
-    from dsnet.engine.report import strict_json
 
     for chosen in (variants, peer_variants):
         unknown = sorted(set(chosen) - set(VARIANTS))

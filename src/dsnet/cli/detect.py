@@ -35,8 +35,8 @@ def _make_data(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from dsnet._io import strict_json
     from dsnet.detection.engine import load_detection_config, train
-    from dsnet.engine.report import strict_json
 
     cfg = config_from_args(args, load_detection_config)
     if cfg is not None and args.print_config:
@@ -49,9 +49,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from dsnet._io import strict_json
     from dsnet.detection.data import CocoDetection, split_paths
     from dsnet.detection.engine import evaluate, load_model
-    from dsnet.engine.report import strict_json
 
     model, cfg, _ = load_model(args.run, args.tag)
     root = args.data or cfg.data.root

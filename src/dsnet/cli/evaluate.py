@@ -36,6 +36,7 @@ def evaluate_checkpoint(
 
     import torch
 
+    from dsnet._io import atomic_write_json
     from dsnet.data.build import build_dataset
     from dsnet.data.datasets import ShardedEpochSampler, TransformedDataset, collate_with_bad_files
     from dsnet.deploy.runtime import guess_backend, load_for_inference, read_artefact_info
@@ -45,7 +46,6 @@ def evaluate_checkpoint(
     from dsnet.engine.inference import load_checkpoint
     from dsnet.engine.report import Progress, plot_confusion
     from dsnet.engine.runtime import resolve_amp
-    from dsnet.engine.trainer import atomic_json
 
     checkpoint = Path(checkpoint)
     with user_errors_as_dsnet():
@@ -128,14 +128,14 @@ def evaluate_checkpoint(
         "ema": ema,
         **result.to_dict(),
     }
-    atomic_json(output / "eval.json", record)
+    atomic_write_json(output / "eval.json", record)
     title = f"{info.model}{' (EMA)' if ema else ''}: top-1 {result.top1:.2f}% on {result.num_samples} images"
     plot_confusion(result.confusion, dataset.classes, output / "confusion.png", title)
     return result, output
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsnet.engine.report import strict_json
+    from dsnet._io import strict_json
 
     overrides = list(args.set or [])
     if args.data_dir:

@@ -107,7 +107,7 @@ def _model_kwargs(items: list[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsnet.engine.report import strict_json
+    from dsnet._io import strict_json
 
     kwargs = _model_kwargs(args.set)
     try:

@@ -12,10 +12,10 @@ from dsnet.cli.main import positive_int, user_errors_as_dsnet
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from dsnet._io import strict_json
     from dsnet.deploy.runtime import load_for_inference
     from dsnet.engine.distributed import resolve_device
     from dsnet.engine.inference import collect_images, predict_files
-    from dsnet.engine.report import strict_json
     from dsnet.engine.runtime import auto_threads
 
     torch.set_num_threads(args.threads or auto_threads())

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsnet._io import atomic_write_safetensors
 from dsnet.errors import DSNetError
 
 __all__ = [
@@ -32,7 +33,6 @@ __all__ = [
     "pretrained_file_kwargs",
     "read_checkpoint",
     "read_weights_file",
-    "save_safetensors_atomic",
     "state_dict_of",
     "strip_prefix",
     "unwrap_state_dict",
@@ -251,37 +251,6 @@ def load_torch_checkpoint(
     return strip_prefix(state_dict), used
 
 
-def save_safetensors_atomic(
-    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
-) -> None:
-    """Write ``state_dict`` to ``path`` as safetensors with :func:`dsnet._io.atomic_write` (never half-written, the
-    folder's usual permissions, read back before it replaces ``path``). Tensors are made contiguous; shared storage
-    is cloned.
-
-    Raises:
-        FileNotFoundError: the output folder does not exist.
-        OSError: the folder is not writable or the disk is full (one line naming ``path``).
-    """
-    from safetensors import safe_open
-    from safetensors.torch import save
-
-    from dsnet._io import atomic_write
-
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    data = save(tensors, metadata=dict(metadata or {}))
-
-    def write(tmp: object) -> None:
-        with open(tmp, "wb") as handle:  # type: ignore[call-overload]
-            handle.write(data)
-
-    def verify(tmp: object) -> None:
-        with safe_open(os.fspath(tmp), framework="pt") as handle:  # type: ignore[arg-type]
-            if len(handle.keys()) != len(tensors):
-                raise OSError(f"{path}: the file read back is not the one just written")
-
-    atomic_write(path, write, verify=verify, make_parents=False)
-
-
 def count_parameters(state_dict: Mapping[str, torch.Tensor], skip: Iterable[str] = ()) -> int:
     """Number of elements in ``state_dict``, leaving out keys ending with any suffix in ``skip``."""
     suffixes = tuple(skip)
@@ -381,7 +350,7 @@ def finish_conversion(
         raise DSNetError(f"{source}: non-finite values (NaN/inf) in {len(non_finite)} tensors: {non_finite[:10]}")
 
     metadata = {"format": "pt", "dsnet_model": model, "converted_from": f"{layout}:{os.path.basename(source)}"}
-    save_safetensors_atomic(state_dict, output, metadata=metadata)
+    atomic_write_safetensors(output, state_dict, metadata)
     digest = hashlib.sha256()
     with open(output, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

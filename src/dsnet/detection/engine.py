@@ -35,7 +35,7 @@ import torch
 import yaml
 from torch import nn
 
-from dsnet._io import atomic_write_text, check_writable_folder
+from dsnet._io import atomic_write_json, atomic_write_text, check_writable_folder
 from dsnet.engine.config import (
     NON_NEGATIVE,
     POSITIVE,
@@ -330,7 +330,7 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
     from dsnet.engine.distributed import all_reduce_sum, barrier
     from dsnet.engine.report import MetricsLog, Progress, format_metric
     from dsnet.engine.runtime import autocast_context, check_finite_loss, resolve_amp, seed_update, set_threads
-    from dsnet.engine.trainer import atomic_json, make_run_dir
+    from dsnet.engine.trainer import make_run_dir
 
     r, main, world = cfg.run, dist_info.is_main, dist_info.world_size
     set_threads(r.threads, device)
@@ -503,7 +503,7 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
         "run_dir": str(run_dir),
     }
     if main:
-        atomic_json(run_dir / "summary.json", summary)
+        atomic_write_json(run_dir / "summary.json", summary)
     barrier()
     return summary
 

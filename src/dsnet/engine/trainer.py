@@ -32,14 +32,14 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dsnet._io import atomic_write_text, check_writable_folder
+from dsnet._io import atomic_write_json, atomic_write_text, check_writable_folder
 from dsnet.data.build import PIPELINES, build_dataset, build_tensor_batches, build_transform, normalization
 from dsnet.data.datasets import ShardedEpochSampler, TransformedDataset, collate_with_bad_files
 from dsnet.engine import checkpoint as ckpt
 from dsnet.engine.config import RunConfig, load_config
 from dsnet.engine.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
 from dsnet.engine.evaluate import EvalResult, evaluate
-from dsnet.engine.report import MetricsLog, Progress, plot_confusion, plot_curves, strict_json
+from dsnet.engine.report import MetricsLog, Progress, plot_confusion, plot_curves
 from dsnet.engine.runtime import autocast_context, check_finite_loss, resolve_amp, seed_update, set_threads
 from dsnet.errors import DSNetError
 
@@ -509,15 +509,10 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
             "bad_file_messages": bad_files.seen[:100],
             "run_dir": str(run_dir),
         }
-        atomic_json(run_dir / "summary.json", summary)
+        atomic_write_json(run_dir / "summary.json", summary)
         log(
             f"done: top-1 {last_result.top1:.2f}% (best {best:.2f}%), "
             f"{int(total_bad.item())} unreadable image(s) skipped"
         )
     barrier()
     return run_dir
-
-
-def atomic_json(path: Path, value: Any) -> None:
-    """Write ``value`` as strict JSON to ``path`` atomically (:func:`dsnet._io.atomic_write_text`)."""
-    atomic_write_text(path, strict_json(value, indent=2))

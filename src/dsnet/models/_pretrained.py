@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dsnet._io import replace_atomically
 from dsnet.errors import DSNetError
 
 __all__ = ["BASE_URL_ENV", "WeightsDownloadError", "fetch_release", "pretrained_kwargs", "weights_dir"]
@@ -220,7 +221,7 @@ def _download(model: str, url: str, dest: Path, sha256: str | None) -> None:
                 f"{model}: the file downloaded from {url} has sha256 {found}, the release's is {sha256}: deleted it "
                 f"(not cached); call again to download it anew, or {_manual_route(model, url, dest)}"
             )
-    os.replace(partial, dest)
+    replace_atomically(partial, dest)
 
 
 def _converted_is_usable(path: Path, model: str) -> bool:
