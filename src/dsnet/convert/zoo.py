@@ -28,6 +28,7 @@ from torch import nn
 from dsnet.convert.checkpoint import CheckpointMismatchError, ConversionResult, finish_conversion, read_checkpoint
 from dsnet.convert.dsnet_reference import convert_reference_state, is_reference_layout
 from dsnet.errors import DSNetError
+from dsnet.models._zoo import list_zoo
 
 __all__ = ["convert_checkpoint", "filter_for_model"]
 
@@ -35,7 +36,6 @@ FilterFn = Callable[[dict[str, Any], nn.Module], Mapping[str, torch.Tensor]]
 
 
 def _zoo_models() -> str:
-    from dsnet.models._zoo import list_zoo
 
     return ", ".join(list_zoo())
 
@@ -47,8 +47,6 @@ def filter_for_model(model: str) -> tuple[FilterFn, str]:
         DSNetError: ``model`` is not a timm/dsnet model, or its module has no ``checkpoint_filter_fn``.
     """
     import timm
-
-    import dsnet.models  # noqa: F401  (registers our models into timm)
 
     if not timm.is_model(model):
         raise DSNetError(f"unknown model {model!r}; zoo models: {_zoo_models()}")

@@ -34,7 +34,9 @@ from torch import Tensor
 
 from dsnet._io import atomic_write_text
 from dsnet.data.datasets import sample_seed
+from dsnet.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from dsnet.data.images import ImageLoadError, open_image
+from dsnet.detection.metrics import coco_from_dict
 from dsnet.errors import DSNetError
 
 __all__ = ["CocoDetection", "collate", "load_coco_json", "make_fashion_detection", "split_paths"]
@@ -165,8 +167,6 @@ class CocoDetection(torch.utils.data.Dataset):
     def coco(self) -> Any:
         """The annotations as a ``pycocotools.coco.COCO`` object (for evaluation)."""
         if self._coco is None:
-            from dsnet.detection.metrics import coco_from_dict
-
             self._coco = coco_from_dict(self.data)
         return self._coco
 
@@ -291,8 +291,6 @@ def make_fashion_detection(
     (items from the Fashion-MNIST train / test split); layout as :func:`split_paths`. Same seed, same files.
     """
     from pycocotools import mask as mask_utils
-
-    from dsnet.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 
     if size < 32:
         raise DSNetError(f"size must be at least 32 px, got {size}")

@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 from dsnet.errors import DSNetError
+from dsnet.models.dsnet import DSBlock
 
 __all__ = [
     "DSFPN",
@@ -106,7 +107,6 @@ def ds_block(dim: int, stride: int, **kwargs: Any) -> nn.Module:
     training). Other ``kwargs`` go to :class:`dsnet.models.dsnet.DSBlock` (``alignment``, ``global_ratio``,
     ``drop_path``, ...).
     """
-    from dsnet.models.dsnet import DSBlock
 
     if "num_heads" not in kwargs:
         kwargs["num_heads"] = default_num_heads(dim, kwargs.get("global_ratio", 0.5))

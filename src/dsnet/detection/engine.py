@@ -36,6 +36,12 @@ import yaml
 from torch import nn
 
 from dsnet._io import atomic_write_json, atomic_write_text, check_writable_folder
+from dsnet.data.datasets import ShardedEpochSampler
+from dsnet.detection import builders
+from dsnet.detection.data import CocoDetection, collate, split_paths
+from dsnet.detection.metrics import coco_evaluate, coco_from_dict, to_coco_results
+from dsnet.engine import checkpoint as ckpt
+from dsnet.engine.checkpoint import load_weights, resolve_checkpoint, resolve_run
 from dsnet.engine.config import (
     NON_NEGATIVE,
     POSITIVE,
@@ -46,6 +52,18 @@ from dsnet.engine.config import (
     load_typed_config,
     model_min_input,
 )
+from dsnet.engine.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+    rank_and_world,
+)
+from dsnet.engine.report import MetricsLog, Progress, format_metric
+from dsnet.engine.runtime import autocast_context, check_finite_loss, resolve_amp, seed_update, set_threads
+from dsnet.engine.trainer import make_run_dir
 from dsnet.errors import DSNetError
 
 __all__ = [
@@ -194,7 +212,6 @@ def _check_detection(cfg: DetectionConfig, where: str) -> None:
 
 def build_model(cfg: DetModelConfig, num_classes: int) -> nn.Module:
     """The torchvision detector described by ``cfg`` (``num_classes`` includes the background)."""
-    from dsnet.detection import builders
 
     if cfg.arch == "retinanet":
         make, extra = builders.retinanet, {"score_thresh": cfg.score_thresh}
@@ -218,7 +235,6 @@ def build_model(cfg: DetModelConfig, num_classes: int) -> nn.Module:
 
 
 def _datasets(cfg: DetectionConfig) -> tuple[Any, Any]:
-    from dsnet.detection.data import CocoDetection, split_paths
 
     masks = cfg.model.arch == "maskrcnn"
     train_set = CocoDetection(
@@ -245,11 +261,6 @@ def evaluate(
     count (the ground truth is restricted to them too). Under torchrun each process runs ``batch_size`` images at a
     time on its share of the images; every process returns the metrics of the whole set.
     """
-    from dsnet.detection.data import collate
-    from dsnet.detection.metrics import coco_evaluate, coco_from_dict, to_coco_results
-    from dsnet.engine.distributed import all_gather_objects, broadcast_object, rank_and_world
-    from dsnet.engine.report import Progress
-    from dsnet.engine.runtime import autocast_context
 
     device = torch.device(device)
     masks = bool(getattr(model, "roi_heads", None) is not None and model.roi_heads.has_mask())
@@ -309,8 +320,6 @@ def train(cfg: DetectionConfig | None = None, *, resume: str | Path | None = Non
     Returns the last evaluation's metrics plus ``run_dir``; the run folder also gets ``summary.json``.
     One process, or one of several started by ``torchrun`` (DDP).
     """
-    from dsnet.engine.checkpoint import resolve_run
-    from dsnet.engine.distributed import cleanup, init_distributed
 
     cfg, resume_dir = resolve_run(cfg, resume, load_detection_config)
     dist_info, device = init_distributed(cfg.run.device, key="run.device")
@@ -323,14 +332,6 @@ def train(cfg: DetectionConfig | None = None, *, resume: str | Path | None = Non
 def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_dir: Path | None) -> dict[str, Any]:
     from timm.optim import create_optimizer_v2
     from torch.utils.data import DataLoader
-
-    from dsnet.data.datasets import ShardedEpochSampler
-    from dsnet.detection.data import collate
-    from dsnet.engine import checkpoint as ckpt
-    from dsnet.engine.distributed import all_reduce_sum, barrier
-    from dsnet.engine.report import MetricsLog, Progress, format_metric
-    from dsnet.engine.runtime import autocast_context, check_finite_loss, resolve_amp, seed_update, set_threads
-    from dsnet.engine.trainer import make_run_dir
 
     r, main, world = cfg.run, dist_info.is_main, dist_info.world_size
     set_threads(r.threads, device)
@@ -510,7 +511,6 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
 
 def load_model(run_dir: str | Path, tag: str = "best") -> tuple[nn.Module, DetectionConfig, list[str]]:
     """``(model, config, class names)`` of a finished run folder, weights loaded (safetensors, no code executed)."""
-    from dsnet.engine.checkpoint import load_weights, resolve_checkpoint
 
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"

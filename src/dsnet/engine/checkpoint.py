@@ -37,6 +37,7 @@ from torch import nn
 
 from dsnet._io import atomic_write, remove_stale_temporaries
 from dsnet.errors import DSNetError
+from dsnet.models._checkpoint import load_torch_checkpoint
 
 __all__ = [
     "ResumePoint",
@@ -299,12 +300,11 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(state_dict, metadata)`` of a ``.safetensors`` file, or of a ``.pt``/``.pth`` file via weights_only loading
-    (a training checkpoint is unwrapped by :func:`dsnet.convert.checkpoint.unwrap_state_dict`).
+    (a training checkpoint is unwrapped by :func:`dsnet.models._checkpoint.unwrap_state_dict`).
 
     Raises:
         DSNetError: unreadable (truncated, corrupt) or not a weights file; the message names the file.
     """
-    from dsnet.convert.checkpoint import load_torch_checkpoint
 
     path = Path(path)
     if path.suffix == ".safetensors":

@@ -100,8 +100,6 @@ def load_checkpoint(
     """
     import timm
 
-    import dsnet  # noqa: F401  (registers the zoo)
-
     weights_path = ckpt.resolve_checkpoint(path, tag=tag, ema=ema)
     state, meta = ckpt.load_weights(weights_path)
     run_dir = Path(path) if Path(path).is_dir() else None

@@ -59,8 +59,6 @@ def check_model_name(name: str) -> None:
     """Raise DSNetError (with similar names) when timm does not know ``name``."""
     import timm
 
-    import dsnet  # noqa: F401  (registers the zoo)
-
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise DSNetError(f"unknown model {name!r}" + (f"; similar names: {', '.join(close)}" if close else ""))
@@ -73,8 +71,6 @@ def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
     fresh initialisation and reported; any other mismatch is an error.
     """
     import timm
-
-    import dsnet  # noqa: F401  (registers the zoo)
 
     m = cfg.model
     check_model_name(m.name)

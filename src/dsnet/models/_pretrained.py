@@ -10,8 +10,10 @@ arguments through :func:`pretrained_kwargs`, which, when ``pretrained=True`` and
    respected) through ``<file>.partial``: an interrupted download resumes with an HTTP ``Range`` request when the
    server honours it and restarts otherwise (torch.hub's ``download_url_to_file`` cannot resume); the size announced
    by the server and the hash, where known, are checked before the file takes its final name;
-3. converts it with :func:`dsnet.convert.zoo.convert_checkpoint` (restricted loaders: no pickled code runs; every key
-   and shape is checked), into ``<file stem>.<model>.safetensors`` next to it;
+3. converts it with the release converter, :func:`dsnet.convert.zoo.convert_checkpoint` (restricted loaders: no
+   pickled code runs; every key and shape is checked), into ``<file stem>.<model>.safetensors`` next to it. The
+   models sit below the converters, so they do not import it: ``import dsnet`` hands it over once
+   (:func:`set_release_converter`);
 4. hands that file to timm's ``build_model_with_cfg`` as ``pretrained_cfg_overlay=dict(file=...)``.
 
 A later call finds the converted file and touches no network. Without network the error names the URL, the file to
@@ -34,12 +36,20 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from dsnet._io import replace_atomically
 from dsnet.errors import DSNetError
 
-__all__ = ["BASE_URL_ENV", "WeightsDownloadError", "fetch_release", "pretrained_kwargs", "weights_dir"]
+__all__ = [
+    "BASE_URL_ENV",
+    "ReleaseConverter",
+    "WeightsDownloadError",
+    "fetch_release",
+    "pretrained_kwargs",
+    "set_release_converter",
+    "weights_dir",
+]
 
 #: Environment variable: a base URL that replaces the folder of every release URL (mirrors, tests).
 BASE_URL_ENV = "DSNET_WEIGHTS_BASE_URL"
@@ -237,6 +247,24 @@ def _converted_is_usable(path: Path, model: str) -> bool:
         return False
 
 
+class ReleaseConverter(Protocol):
+    """Converts a downloaded release ``source`` into the safetensors file ``output`` for ``model``."""
+
+    def __call__(
+        self, source: Path, output: Path, *, layout: str, model: str, entry: str | None = None
+    ) -> object: ...  # pragma: no cover
+
+
+_release_converter: ReleaseConverter | None = None
+
+
+def set_release_converter(converter: ReleaseConverter) -> None:
+    """Install the converter :func:`fetch_release` uses (``dsnet/__init__.py`` installs
+    :func:`dsnet.convert.zoo.convert_checkpoint`)."""
+    global _release_converter
+    _release_converter = converter
+
+
 def fetch_release(model: str, url: str, *, entry: str | None = None) -> Path:
     """The release at ``url`` converted for ``model``: a cached ``.safetensors`` file, downloaded and converted the
     first time (see the module docstring), found offline afterwards.
@@ -253,8 +281,8 @@ def fetch_release(model: str, url: str, *, entry: str | None = None) -> Path:
             the file to fetch by hand, where to put it and the ``dsnet convert`` command).
         DSNetError: the file has the wrong hash or is not a checkpoint of ``model`` (it is deleted, not cached).
     """
-    from dsnet.convert.zoo import convert_checkpoint
-
+    if _release_converter is None:  # only when dsnet's package root was bypassed
+        raise RuntimeError("no release converter installed: import dsnet (it installs dsnet.convert.zoo's)")
     url, sha256 = _split_url(url)
     folder = weights_dir()
     dest = folder / _file_name(url)
@@ -270,7 +298,7 @@ def fetch_release(model: str, url: str, *, entry: str | None = None) -> Path:
         if not dest.is_file():
             _download(model, url, dest, sha256)
         try:
-            convert_checkpoint(dest, converted, layout=_layout_of(dest.name), model=model, entry=entry)
+            _release_converter(dest, converted, layout=_layout_of(dest.name), model=model, entry=entry)
         except (ValueError, FileNotFoundError) as err:
             if sha256 is None and entry is None:  # nothing vouches for the file: do not keep it as the release
                 dest.unlink(missing_ok=True)

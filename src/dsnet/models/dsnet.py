@@ -94,6 +94,8 @@ from timm.models import (
 from torch import nn
 
 from dsnet.errors import DSNetError
+from dsnet.models._checkpoint import pretrained_file_kwargs, state_dict_of
+from dsnet.models._dsnet_keys import reference_to_dsnet
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
 from dsnet.models._pretrained import pretrained_kwargs
 from dsnet.models._stages import StagedBackboneMixin
@@ -624,22 +626,16 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[s
     """Bring a checkpoint into this module's names.
 
     Our own names pass through unchanged (after unwrapping a training checkpoint by the package's one rule,
-    :func:`dsnet.convert.checkpoint.choose_entry`); a checkpoint in the reference layout (PaddleClas / SteveTsui
-    names such as ``patch_embed1.proj.weight``) goes through :func:`dsnet.convert.dsnet_reference.reference_to_dsnet`.
+    :func:`dsnet.models._checkpoint.choose_entry`); a checkpoint in the reference layout (PaddleClas / SteveTsui
+    names such as ``patch_embed1.proj.weight``) goes through :func:`dsnet.models._dsnet_keys.reference_to_dsnet`.
     """
-    from dsnet.convert.checkpoint import state_dict_of
-
     state_dict = state_dict_of(state_dict)
     if "patch_embed1.proj.weight" in state_dict:
-        from dsnet.convert.dsnet_reference import reference_to_dsnet
-
         return reference_to_dsnet(state_dict)
     return state_dict
 
 
 def _create_dsnet(variant: str, pretrained: bool = False, **kwargs: Any) -> DSNet:
-    from dsnet.convert.checkpoint import pretrained_file_kwargs
-
     kwargs = pretrained_kwargs(variant, pretrained, kwargs, layout="paddle")  # the PaddleClas file → a local file
     kwargs = pretrained_file_kwargs(variant, pretrained, checkpoint_filter_fn, kwargs)  # the entry rule
     return build_model_with_cfg(

@@ -59,6 +59,7 @@ from timm.models.swin_transformer import get_relative_position_index, window_par
 from torch import nn
 
 from dsnet.errors import DSNetError
+from dsnet.models._checkpoint import pretrained_file_kwargs, state_dict_of, verify_state_dict
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
 from dsnet.models._pretrained import pretrained_kwargs
 from dsnet.models._stages import StagedBackboneMixin
@@ -648,8 +649,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MixFormer) -> dic
         >>> state_dict = checkpoint_filter_fn(paddle_weights, model)  # doctest: +SKIP
         >>> model.load_state_dict(state_dict)  # doctest: +SKIP
     """
-    from dsnet.convert.checkpoint import state_dict_of, verify_state_dict
-
     state_dict = state_dict_of(state_dict)
     if "stem.proj.weight" in state_dict:
         return dict(state_dict)
@@ -690,8 +689,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MixFormer) -> dic
 
 
 def _create_mixformer(variant: str, pretrained: bool = False, **kwargs: Any) -> MixFormer:
-    from dsnet.convert.checkpoint import pretrained_file_kwargs
-
     kwargs = pretrained_kwargs(variant, pretrained, kwargs, layout="paddle", no_release=_NO_RELEASE)
     kwargs = pretrained_file_kwargs(variant, pretrained, checkpoint_filter_fn, kwargs)  # the entry rule
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))

@@ -68,6 +68,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from dsnet.errors import DSNetError
+from dsnet.models._checkpoint import pretrained_file_kwargs, state_dict_of, verify_state_dict
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
 from dsnet.models._pretrained import pretrained_kwargs
 from dsnet.models._stages import StagedBackboneMixin
@@ -833,7 +834,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MobileFormer) -> 
     """Convert an AAboys/MobileFormer checkpoint (``mobile-former-*.pth.tar``) to ``model``'s names.
 
     Accepts the bare state dict or a training checkpoint, unwrapped by the package's one rule
-    (:func:`dsnet.convert.checkpoint.choose_entry`: ``state_dict`` before ``state_dict_ema``; ``module.``
+    (:func:`dsnet.models._checkpoint.choose_entry`: ``state_dict`` before ``state_dict_ema``; ``module.``
     prefixes are stripped). Only names change (no tensor is reshaped); every key and shape is checked against
     ``model``. Classifier weights of another class count are passed through for timm to drop. A state dict
     already in our names passes through unchanged.
@@ -841,8 +842,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MobileFormer) -> 
     Raises:
         DSNetError: a key the release's models do not have, or keys/shapes that do not fit ``model``.
     """
-    from dsnet.convert.checkpoint import state_dict_of, verify_state_dict
-
     state_dict = state_dict_of(state_dict)
     if "global_tokens" in state_dict:
         return dict(state_dict)
@@ -851,7 +850,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MobileFormer) -> 
         for s, stage in enumerate(model.stages)
         for b, block in enumerate(stage.blocks)
     ]
-    out = {release_key_to_ours(k.removeprefix("module."), block_paths): v for k, v in state_dict.items()}
+    out = {release_key_to_ours(k, block_paths): v for k, v in state_dict.items()}
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if model.num_classes != out.get("head.fc.weight", torch.empty(0, 0)).shape[0]:
         expected |= {k: out[k].shape for k in ("head.fc.weight", "head.fc.bias") if k in out}  # timm drops them
@@ -871,8 +870,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MobileFormer) -> 
 
 
 def _create_mobile_former(variant: str, pretrained: bool = False, **kwargs: Any) -> MobileFormer:
-    from dsnet.convert.checkpoint import pretrained_file_kwargs
-
     kwargs = pretrained_kwargs(variant, pretrained, kwargs, layout="torch", no_release=_NO_RELEASE)
     kwargs = pretrained_file_kwargs(variant, pretrained, checkpoint_filter_fn, kwargs)  # the entry rule
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))

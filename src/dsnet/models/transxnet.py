@@ -54,6 +54,7 @@ from torch import nn
 from dsnet.errors import DSNetError
 from dsnet.layers.adaptive_avg_pool import AdaptiveAvgPool2d
 from dsnet.layers.per_sample_conv import per_sample_depthwise_conv2d
+from dsnet.models._checkpoint import pretrained_file_kwargs, state_dict_of
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
 from dsnet.models._pretrained import pretrained_kwargs
 from dsnet.models._stages import StagedBackboneMixin
@@ -602,7 +603,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: TransXNet) -> dict[s
     """Convert an official TransXNet checkpoint (``transx-{t,s,b}.pth.tar``) to ``model``'s parameter names.
 
     Accepts the bare state dict or a training checkpoint, unwrapped by the package's one rule
-    (:func:`dsnet.convert.checkpoint.choose_entry`: ``'state_dict'`` before ``'state_dict_ema'``; ``'module.'``
+    (:func:`dsnet.models._checkpoint.choose_entry`: ``'state_dict'`` before ``'state_dict_ema'``; ``'module.'``
     prefixes are stripped). Keys are renamed, LayerScale weights (C, 1, 1, 1) → (C, 1, 1) and the 1×1-conv classifier
     (K, C, 1, 1) → (K, C) are reshaped, and every shape is checked against ``model``. Relative position
     bias tables trained at another image size (e.g. the 384 px release) are resized bicubically, as the
@@ -612,14 +613,11 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: TransXNet) -> dict[s
     Raises:
         DSNetError: a key that does not belong to the model, or a shape that does not match it.
     """
-    from dsnet.convert.checkpoint import state_dict_of
-
     state_dict = state_dict_of(state_dict)
     targets = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state_dict.items():
-        key = key.removeprefix("module.")
         if key not in targets:
             key = _rename_official_key(key)
         if key.endswith((".layer_scale1.weight", ".layer_scale2.weight")) and value.ndim == 4:
@@ -651,8 +649,6 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: TransXNet) -> dict[s
 
 
 def _create_transxnet(variant: str, pretrained: bool = False, **kwargs: Any) -> TransXNet:
-    from dsnet.convert.checkpoint import pretrained_file_kwargs
-
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     kwargs = pretrained_kwargs(variant, pretrained, kwargs, layout="torch")  # the GitHub release → a local file
     return build_model_with_cfg(

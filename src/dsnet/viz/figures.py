@@ -17,8 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from dsnet.engine.inference import CheckpointInfo
+from dsnet.data.images import load_image
+from dsnet.engine.checkpoint import load_weights
+from dsnet.engine.inference import CheckpointInfo, _classifier_size, load_checkpoint
 from dsnet.errors import DSNetError
+from dsnet.viz.capture import ModuleOutputs
 from dsnet.viz.maps import (
     Panel,
     attention_panels,
@@ -53,7 +56,6 @@ class VizModel:
 
     def load(self, path: str | Path) -> tuple[torch.Tensor, np.ndarray, tuple[int, int]]:
         """``(input (1, C, S, S), display image (S, S[, 3]) in [0, 1], original (width, height))`` of ``path``."""
-        from dsnet.data.images import load_image
 
         image = load_image(path, "L" if self.info.in_chans == 1 else "RGB")
         original = image.size
@@ -82,9 +84,6 @@ def load_viz_model(
     """A run folder or a weights file written by ``dsnet train``, or a registered model name (with ``weights``: a
     converted / safetensors file for it; without: untrained weights, useful for shapes only)."""
     import timm
-
-    import dsnet  # noqa: F401  (registers the zoo)
-    from dsnet.engine.inference import load_checkpoint
 
     if Path(source).exists():
         if weights:
@@ -119,13 +118,10 @@ def load_baseline(name: str, weights: str | None) -> VizModel:
     """A timm ViT (the paper's DeiT baseline of Fig. 1a) with the user's weights; nothing is downloaded."""
     import timm
 
-    from dsnet.engine.checkpoint import load_weights
-
     if not timm.is_model(name):
         raise DSNetError(f"--baseline {name!r}: not a registered timm model")
     if not weights:
         raise DSNetError(f"--baseline {name} needs --baseline-weights FILE (weights are never downloaded)")
-    from dsnet.engine.inference import _classifier_size
 
     state, _ = load_weights(weights)
     model = timm.create_model(name, pretrained=False, num_classes=_classifier_size(name, state, 3))
@@ -307,7 +303,6 @@ def _cam_layer(vm: VizModel, x: torch.Tensor, block: str | None) -> tuple[str, n
     candidates = [f["module"] for f in getattr(vm.model, "feature_info", []) if f.get("module") in modules]
     if not candidates:
         raise DSNetError(f"{vm.name}: no feature modules to take a Grad-CAM from; name one with --block")
-    from dsnet.viz.capture import ModuleOutputs
 
     with torch.no_grad(), ModuleOutputs(vm.model, candidates) as kept:
         vm.model(x)

@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsnet.errors import DSNetError
+from dsnet.models.dsnet import DSNet, global_grid_shape
+from dsnet.models.mixformer import MixFormer
+from dsnet.models.transxnet import TransXNet, _reduced_size
 from dsnet.viz.capture import AttentionCapture, ModuleOutputs
 
 __all__ = [
@@ -51,9 +54,6 @@ class Panel:
 
 def model_family(model: nn.Module) -> str | None:
     """``"dsnet"``, ``"transxnet"``, ``"mixformer"``, ``"vit"`` (timm ViT-like), or ``None``."""
-    from dsnet.models.dsnet import DSNet
-    from dsnet.models.mixformer import MixFormer
-    from dsnet.models.transxnet import TransXNet
 
     if isinstance(model, DSNet):
         return "dsnet"
@@ -138,8 +138,6 @@ def attention_panels(
     name = parse_block(model, block)
     px, py = point
     if family == "dsnet":
-        from dsnet.models.dsnet import global_grid_shape
-
         module = dict(model.named_modules())[name]
         _, _, height, width = capture.input_shapes[name]
         grid = global_grid_shape(height, width, module.global_stride, module.global_grid_size)
@@ -169,8 +167,6 @@ def attention_panels(
             panels.append(Panel("L→G co-attention", note=f"block {block} has no L→G co-attention"))
         return panels
     if family == "transxnet":
-        from dsnet.models.transxnet import _reduced_size
-
         _, _, height, width = capture.input_shapes[name]
         stage = model.stages[int(block.split(".")[0]) - 1]
         grid = (_reduced_size(height, stage.sr_ratio), _reduced_size(width, stage.sr_ratio))
