@@ -8,13 +8,17 @@ max-pooled level, as torchvision and mmdet do.
 
 Norms in the backbone (``norm``):
 
-* ``"frozen"`` (default, torchvision's habit): every ``BatchNorm2d`` becomes torchvision's ``FrozenBatchNorm2d``
-  (statistics and affine parameters fixed), via :func:`timm.layers.freeze_batch_norm_2d`. Right for a pretrained
+* ``"frozen"`` (torchvision's habit; the default for a backbone with loaded weights): every ``BatchNorm2d`` becomes
+  torchvision's ``FrozenBatchNorm2d`` (statistics and affine parameters fixed), via
+  :func:`timm.layers.freeze_batch_norm_2d`. Right for a pretrained
   backbone and the small per-device batches of detection.
 * ``"eval"`` (mmdet's ``norm_eval=True``): BN layers stay ``BatchNorm2d`` but are kept in eval mode during training,
   so statistics are fixed while affine parameters of trainable stages learn.
-* ``"train"``: ordinary BN that updates its statistics; for a backbone trained from scratch with enough images
-  per batch.
+* ``"train"``: ordinary BN that updates its statistics; for a backbone trained from scratch (the default then) with
+  enough images per batch.
+
+When ``trainable_stages`` / ``norm`` are not given, :func:`backbone_defaults` chooses them from whether the backbone
+loads weights: one rule for the builders and the detection config.
 
 Other norms (the LayerNorms of DS-Net's global stream) follow ``trainable_stages``. The neck and the heads are always
 trainable and keep their own norms.
@@ -41,7 +45,15 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from dsnet.detection.ds_fpn import DSFPN, DSPosition
 from dsnet.errors import DSNetError
 
-__all__ = ["NECKS", "NORM_MODES", "BackboneWithPyramid", "create_backbone", "maskrcnn", "retinanet"]
+__all__ = [
+    "NECKS",
+    "NORM_MODES",
+    "BackboneWithPyramid",
+    "backbone_defaults",
+    "create_backbone",
+    "maskrcnn",
+    "retinanet",
+]
 
 Neck = Literal["fpn", "ds_fpn"]
 NormMode = Literal["frozen", "eval", "train"]
@@ -108,8 +120,8 @@ class BackboneWithPyramid(nn.Module):
         fpn: DSFPN,
         in_levels: tuple[int, ...],
         *,
-        trainable_stages: int = 3,
-        norm: NormMode = "frozen",
+        trainable_stages: int,
+        norm: NormMode,
     ) -> None:
         super().__init__()
         if not 0 <= trainable_stages <= 4:
@@ -150,6 +162,16 @@ class BackboneWithPyramid(nn.Module):
         return self.fpn(selected)
 
 
+def backbone_defaults(has_weights: bool) -> tuple[int, NormMode]:
+    """``(trainable_stages, norm)`` of a backbone when the caller gives none.
+
+    With loaded weights (``pretrained`` or a checkpoint): ``(3, "frozen")``, torchvision's and mmdetection's recipe
+    for ImageNet backbones (stem and first stage fixed, BN statistics and affine parameters frozen). From scratch:
+    ``(4, "train")``: nothing is learnt yet, so every stage trains, with ordinary BN.
+    """
+    return (3, "frozen") if has_weights else (4, "train")
+
+
 def create_backbone(
     name: str = "dsnet_tiny",
     *,
@@ -158,8 +180,8 @@ def create_backbone(
     neck: Neck = "ds_fpn",
     position: DSPosition | None = "lateral_extra",
     out_channels: int = 256,
-    trainable_stages: int = 3,
-    norm: NormMode = "frozen",
+    trainable_stages: int | None = None,
+    norm: NormMode | None = None,
     pretrained: bool = False,
     checkpoint: str | None = None,
     block_kwargs: dict[str, Any] | None = None,
@@ -175,8 +197,10 @@ def create_backbone(
         neck: ``"fpn"`` (plain; same as ``position=None``) or ``"ds_fpn"``.
         position: DS-Block insertion position of the DS-FPN (ignored for ``neck="fpn"``).
         out_channels: pyramid width.
-        trainable_stages: backbone stages trained, from the top (0 = frozen backbone, 4 = all of it).
-        norm: BN handling in the backbone (``"frozen"``, ``"eval"``, ``"train"``).
+        trainable_stages: backbone stages trained, from the top (0 = frozen backbone, 4 = all of it); None: see
+            :func:`backbone_defaults`.
+        norm: BN handling in the backbone (``"frozen"``, ``"eval"``, ``"train"``); None: see
+            :func:`backbone_defaults`.
         pretrained: load the model's pretrained weights through timm.
         checkpoint: path of a local weights file (safetensors or a torch state dict) for the backbone;
             loaded by timm without executing code. Implies ``pretrained``.
@@ -212,7 +236,14 @@ def create_backbone(
         block_kwargs=block_kwargs,
         extra_block_kwargs=extra_block_kwargs,
     )
-    return BackboneWithPyramid(body, fpn, tuple(in_levels), trainable_stages=trainable_stages, norm=norm)
+    default_stages, default_norm = backbone_defaults(pretrained)
+    return BackboneWithPyramid(
+        body,
+        fpn,
+        tuple(in_levels),
+        trainable_stages=default_stages if trainable_stages is None else trainable_stages,
+        norm=default_norm if norm is None else norm,
+    )
 
 
 def retinanet(
@@ -224,8 +255,8 @@ def retinanet(
     min_size: int = 800,
     max_size: int = 1333,
     anchor_sizes: tuple[int, ...] | None = None,
-    trainable_stages: int = 3,
-    norm: NormMode = "frozen",
+    trainable_stages: int | None = None,
+    norm: NormMode | None = None,
     pretrained_backbone: bool = False,
     backbone_checkpoint: str | None = None,
     backbone_kwargs: dict[str, Any] | None = None,
@@ -277,8 +308,8 @@ def maskrcnn(
     min_size: int = 800,
     max_size: int = 1333,
     anchor_sizes: tuple[int, ...] | None = None,
-    trainable_stages: int = 3,
-    norm: NormMode = "frozen",
+    trainable_stages: int | None = None,
+    norm: NormMode | None = None,
     pretrained_backbone: bool = False,
     backbone_checkpoint: str | None = None,
     backbone_kwargs: dict[str, Any] | None = None,

@@ -43,8 +43,8 @@ one gives 24.57 M, a concat one on each of P6 and P7 25.15 M. Hence ``extra_bloc
 fusion and ``block_kwargs`` to alignment. What the parameter counts cannot decide, and we chose: the heads count
 ``dim // 64``, attention dropout 0 in the neck, the global grid (stride 32, above), P6 computed from the raw C5 (not
 the DS-refined lateral), and the extra block refining P6 before P7 is derived from it (rather than refining P7).
-With the default ``norm="frozen"`` backbone the count is 10,880 lower (frozen BN keeps its affine weights as
-buffers), and with the starred backbone ``dsnet_tiny`` it is 25.87 M (FPN: 20.27 M).
+With ``norm="frozen"`` (the default for a backbone with loaded weights) the count is 10,880 lower (frozen BN keeps
+its affine weights as buffers), and with the starred backbone ``dsnet_tiny`` it is 25.87 M (FPN: 20.27 M).
 
 Example:
     >>> import torch

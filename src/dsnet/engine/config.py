@@ -437,6 +437,7 @@ def load_typed_config(
     *,
     rename: typing.Callable[[str, Any], tuple[str, Any]] | None = None,
     aliases: typing.Iterable[str] = (),
+    legacy_sections: typing.Iterable[str] = (),
     check: typing.Callable[[ConfigT, str], None] | None = None,
 ) -> ConfigT:
     """A sectioned config dataclass from its defaults, then the YAML recipe at ``path``, then ``key=value`` overrides.
@@ -444,8 +445,9 @@ def load_typed_config(
     ``config_class`` holds one dataclass per section (``RunConfig``, ``DetectionConfig``...). A recipe is a mapping
     of sections (or, with ``rename``, of flat keys that ``rename`` maps to ``section.key``); it may hold
     ``base: other.yaml`` (relative to itself) to start from another recipe. Overrides are ``section.key=value``
-    with YAML values. ``aliases`` are extra accepted names offered in "did you mean" hints. ``check(cfg, where)``
-    validates the result (ranges, rules between fields) and raises DSNetError.
+    with YAML values. ``aliases`` are extra accepted names offered in "did you mean" hints. ``legacy_sections`` are
+    sections of earlier versions that a recipe may still hold: their keys are read as ``section.key`` and left to
+    ``rename``. ``check(cfg, where)`` validates the result (ranges, rules between fields) and raises DSNetError.
 
     Raises:
         FileNotFoundError: the recipe does not exist.
@@ -453,7 +455,7 @@ def load_typed_config(
             a YAML syntax error (file, line, column) or a malformed override.
     """
     cfg = config_class()
-    sections = set(_section_fields(cfg))
+    sections = set(_section_fields(cfg)) | set(legacy_sections)
 
     def assign(key: str, value: Any, where: str) -> None:
         if rename is not None:
