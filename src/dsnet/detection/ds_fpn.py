@@ -107,7 +107,6 @@ def ds_block(dim: int, stride: int, **kwargs: Any) -> nn.Module:
     training). Other ``kwargs`` go to :class:`dsnet.models.dsnet.DSBlock` (``alignment``, ``global_ratio``,
     ``drop_path``, ...).
     """
-
     if "num_heads" not in kwargs:
         kwargs["num_heads"] = default_num_heads(dim, kwargs.get("global_ratio", 0.5))
     kwargs.setdefault("mlp_ratio", 4.0)

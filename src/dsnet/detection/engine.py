@@ -267,7 +267,6 @@ def _check_detection(cfg: DetectionConfig, where: str) -> None:
 
 def build_model(cfg: DetModelConfig, num_classes: int) -> nn.Module:
     """The torchvision detector described by ``cfg`` (``num_classes`` includes the background)."""
-
     if cfg.arch == "retinanet":
         make, extra = builders.retinanet, {"score_thresh": cfg.score_thresh}
     else:
@@ -316,7 +315,6 @@ def evaluate(
     count (the ground truth is restricted to them too). Under torchrun each process runs ``batch_size`` images at a
     time on its share of the images; every process returns the metrics of the whole set.
     """
-
     device = torch.device(device)
     masks = bool(getattr(model, "roi_heads", None) is not None and model.roi_heads.has_mask())
     count = len(dataset) if limit is None else min(limit, len(dataset))
@@ -375,7 +373,6 @@ def train(cfg: DetectionConfig | None = None, *, resume: str | Path | None = Non
     Returns the last evaluation's metrics plus ``run_dir``; the run folder also gets ``summary.json``.
     One process, or one of several started by ``torchrun`` (DDP).
     """
-
     cfg, resume_dir = resolve_run(cfg, resume, load_detection_config)
     dist_info, device = init_distributed(cfg.train.device, key="train.device")
     try:
@@ -566,7 +563,6 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
 
 def load_model(run_dir: str | Path, tag: str = "best") -> tuple[nn.Module, DetectionConfig, list[str]]:
     """``(model, config, class names)`` of a finished run folder, weights loaded (safetensors, no code executed)."""
-
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():

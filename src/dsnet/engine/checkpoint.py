@@ -305,7 +305,6 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     Raises:
         DSNetError: unreadable (truncated, corrupt) or not a weights file; the message names the file.
     """
-
     path = Path(path)
     if path.suffix == ".safetensors":
         try:

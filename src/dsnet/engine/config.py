@@ -280,7 +280,6 @@ def check_ranges(cfg: Any, ranges: typing.Mapping[str, Bound], where: str = "con
 def model_min_input(name: str) -> int:
     """Smallest square input side the model ``name`` takes: the zoo's pyramids need 32 px (four downsamplings
     4, 2, 2, 2 must leave one pixel), other timm models their pretrained config's ``min_input_size`` (else 1)."""
-
     if name in list_zoo():
         return MIN_INPUT_SIZE
     import timm

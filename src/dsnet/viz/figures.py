@@ -56,7 +56,6 @@ class VizModel:
 
     def load(self, path: str | Path) -> tuple[torch.Tensor, np.ndarray, tuple[int, int]]:
         """``(input (1, C, S, S), display image (S, S[, 3]) in [0, 1], original (width, height))`` of ``path``."""
-
         image = load_image(path, "L" if self.info.in_chans == 1 else "RGB")
         original = image.size
         size = self.info.input_size

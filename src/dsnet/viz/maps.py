@@ -54,7 +54,6 @@ class Panel:
 
 def model_family(model: nn.Module) -> str | None:
     """``"dsnet"``, ``"transxnet"``, ``"mixformer"``, ``"vit"`` (timm ViT-like), or ``None``."""
-
     if isinstance(model, DSNet):
         return "dsnet"
     if isinstance(model, TransXNet):
