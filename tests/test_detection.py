@@ -246,7 +246,7 @@ def _train_args(root: Path, out: Path, *extra: str) -> list[str]:
 
 def test_cli_train_eval_predict(fashion_det, tmp_path, capsys):
     assert main(_train_args(fashion_det, tmp_path, "sched.epochs=1")) == 0
-    (run,) = tmp_path.glob("run-*")  # run.name + a timestamp, as classification runs
+    (run,) = tmp_path.glob("run-*")  # train.name + a timestamp, as classification runs
     assert {"config.yaml", "metrics.jsonl", "checkpoints", "summary.json"} <= {p.name for p in run.iterdir()}
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["kind"] == "eval" and records[-1]["epoch"] == 1 and "bbox_AP" in records[-1]
