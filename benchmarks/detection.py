@@ -81,20 +81,20 @@ def run_budget(
                 f"model.max_size={size}",
                 f"model.neck={'fpn' if neck == 'fpn' else 'ds_fpn'}",
                 f"model.position={position or 'null'}",
-                f"optim.epochs={epochs}",
-                f"data.batch_size={batch}",
-                f"run.seed={seed}",
-                f"run.output_dir={out_dir}",
-                f"run.name={budget}-{neck}-seed{seed}",
-                f"run.eval_interval={max(1, epochs // 4)}",
-                "run.progress=false",
+                f"sched.epochs={epochs}",
+                f"train.batch_size={batch}",
+                f"train.seed={seed}",
+                f"train.output_dir={out_dir}",
+                f"train.name={budget}-{neck}-seed{seed}",
+                f"train.eval_interval={max(1, epochs // 4)}",
+                "train.progress=false",
             ]
             if threads:
-                overrides.append(f"run.threads={threads}")
+                overrides.append(f"train.threads={threads}")
             if budget == "tiny":
                 overrides.append("optim.warmup_iters=2")
             cfg = load_detection_config(config, overrides)
-            torch.manual_seed(cfg.run.seed)
+            torch.manual_seed(cfg.train.seed)
             untrained = build_model(cfg.model, val_set.num_classes)
             floor = evaluate(untrained, val_set, batch_size=batch)["bbox_AP"]
             params = sum(p.numel() for p in untrained.parameters()) / 1e6

@@ -65,7 +65,8 @@ def probe_throughput(cfg, updates: int) -> float:
     """Training images/s of ``cfg``'s model on real batches of its data pipeline (two warm-up updates first)."""
     from dsnet.data.build import build_dataset, build_tensor_batches, build_transform
     from dsnet.data.datasets import ShardedEpochSampler, TransformedDataset, collate_with_bad_files
-    from dsnet.engine.trainer import build_model, resolve_amp
+    from dsnet.engine.runtime import resolve_amp
+    from dsnet.engine.trainer import build_model
 
     d, batch, chans = cfg.data, cfg.train.batch_size, cfg.model.in_chans
     dataset = build_dataset(d, "train", chans)
@@ -149,7 +150,8 @@ def main() -> None:
     import dsnet  # noqa: F401  (registers the zoo)
     from dsnet.bench.complexity import count_macs, count_params
     from dsnet.engine.config import load_config
-    from dsnet.engine.trainer import auto_threads, build_model, train
+    from dsnet.engine.runtime import auto_threads
+    from dsnet.engine.trainer import build_model, train
 
     threads = args.threads or auto_threads()  # fixed for the whole comparison: probes and runs alike
     torch.set_num_threads(threads)

@@ -174,9 +174,19 @@ def build_model(name: str) -> nn.Module:
     return model
 
 
+def _paddle_reference() -> Any:
+    """``tests/_paddle_reference.py``: the PaddleClas DS-Net loader, test-only code outside the package."""
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import _paddle_reference
+
+    return _paddle_reference
+
+
 def setup_paddle(threads: int) -> Any:
     """Import paddle with ``threads`` OpenMP/MKL threads (``os.environ`` is left as it was); returns the module."""
-    from dsnet.convert._paddle_reference import import_paddle, set_paddle_threads
+    import_paddle, set_paddle_threads = _paddle_reference().import_paddle, _paddle_reference().set_paddle_threads
 
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the OpenMP runtimes when paddle loads them
@@ -197,12 +207,10 @@ def build_paddle_pair(name: str, size: int, seed: int = 0) -> tuple[nn.Module, A
     import timm
 
     import dsnet  # noqa: F401
-    from dsnet.convert._paddle_reference import (
-        import_paddle,
-        load_reference_dsnet,
-        randomize_reference,
-        set_reference_input_size,
-    )
+
+    ref = _paddle_reference()
+    import_paddle, load_reference_dsnet = ref.import_paddle, ref.load_reference_dsnet
+    randomize_reference, set_reference_input_size = ref.randomize_reference, ref.set_reference_input_size
     from dsnet.convert.dsnet_reference import reference_to_dsnet
 
     paddle = import_paddle()
@@ -221,7 +229,7 @@ def build_paddle_pair(name: str, size: int, seed: int = 0) -> tuple[nn.Module, A
 
 
 def _paddle_call(reference: Any, batch: int, size: int) -> Callable[[], None]:
-    from dsnet.convert._paddle_reference import import_paddle
+    import_paddle = _paddle_reference().import_paddle
 
     paddle = import_paddle()
     x = paddle.to_tensor(np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32))
@@ -401,8 +409,8 @@ def run(
     ``artefacts``: a folder that keeps the ONNX and int8 files (reused when present: delete them after changing a
     model); default a temporary folder.
     """
+    from dsnet._io import strict_json
     from dsnet.bench.complexity import count_macs
-    from dsnet.engine.report import strict_json
 
     for chosen in (variants, peer_variants):
         unknown = sorted(set(chosen) - set(VARIANTS))

@@ -91,3 +91,23 @@ def test_entry_errors_are_clear(transxnet_checkpoint, tmp_path):
     only_ema = tmp_path / "ema_only.pth"
     torch.save({"state_dict_ema": {"w": torch.zeros(1)}}, only_ema)
     assert load_torch_checkpoint(only_ema)[1] == "state_dict_ema"  # no other weights: the EMA, and said so
+
+
+@pytest.mark.parametrize("name", ["dsnet_tiny", "transxnet_t", "mixformer_b0", "mobile_former_26m"])
+def test_every_filter_unwraps_a_ddp_training_checkpoint_by_the_one_rule(name):
+    """``checkpoint_filter_fn`` of each family: the trained entry (not the EMA), ``module.`` removed, our names kept."""
+    import importlib
+
+    from dsnet.models._checkpoint import state_dict_of
+
+    model = timm.create_model(name).eval()
+    ours = model.state_dict()
+    wrapped = {
+        "state_dict": {f"module.{k}": v for k, v in ours.items()},
+        "state_dict_ema": {f"module.{k}": torch.zeros_like(v) for k, v in ours.items()},
+    }
+    assert state_dict_of(wrapped).keys() == ours.keys()
+    filter_fn = importlib.import_module(type(model).__module__).checkpoint_filter_fn
+    out = filter_fn(wrapped, model)
+    assert out.keys() == ours.keys()
+    assert all(torch.equal(out[k].reshape(ours[k].shape), ours[k]) for k in ours)

@@ -199,14 +199,14 @@ def test_export_to_an_unwritable_place_is_one_line(finished_run, tmp_path, capsy
 def test_checkpoints_and_written_files_get_the_folders_permissions(tmp_path):
     from safetensors.torch import load_file
 
-    from dsnet.convert.checkpoint import save_safetensors_atomic
+    from dsnet._io import atomic_write_safetensors
 
     root = make_imagefolder(tmp_path / "data", per_class_train=2, per_class_val=1)
     old = os.umask(0o027)
     try:
         run_dir = train(load_config(None, _tiny(root, tmp_path / "runs", **{"train.ema": 0.9})), log=lambda s: None)
         converted = tmp_path / "converted.safetensors"  # what `dsnet convert` writes with
-        save_safetensors_atomic(load_file(run_dir / "checkpoints" / "best.safetensors"), converted)
+        atomic_write_safetensors(converted, load_file(run_dir / "checkpoints" / "best.safetensors"))
         plain = tmp_path / "plain.txt"
         plain.write_text("x")
         _io.atomic_write_text(tmp_path / "atomic.txt", "x")

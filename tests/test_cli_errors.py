@@ -22,3 +22,49 @@ def test_unwritable_output_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("dsnet: error: ") and str(blocker) in err and err.count("\n") == 1
+
+
+def test_config_error_is_one_line_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epoch: 3\n")  # a misspelt key (train.epochs does not exist either: sched.epochs)
+    code = main(["train", "--config", str(bad)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("dsnet: error: ") and "epoch" in err and err.count("\n") == 1
+
+
+def test_dsnet_error_is_a_value_error():
+    from dsnet.engine.config import load_config
+    from dsnet.errors import DSNetError
+
+    assert issubclass(DSNetError, ValueError)
+    with pytest.raises(DSNetError, match="unknown config key"):
+        load_config(None, ["train.nonsense=1"])
+
+
+def test_internal_value_error_keeps_its_traceback(monkeypatch, tmp_path):
+    """A ValueError that is not a DSNetError is a bug of dsnet: it must escape main(), not become exit code 2."""
+    import dsnet.cli.info as info
+
+    def broken(args):
+        raise ValueError("an internal invariant broke")
+
+    real_register = info.register
+
+    def register(subparsers):
+        real_register(subparsers)
+        subparsers.choices["info"].set_defaults(func=broken)
+
+    monkeypatch.setattr(info, "register", register)
+    with pytest.raises(ValueError, match="internal invariant"):
+        main(["info"])
+
+
+def test_user_errors_as_dsnet_converts_only_value_errors():
+    from dsnet.cli.main import user_errors_as_dsnet
+    from dsnet.errors import DSNetError
+
+    with pytest.raises(DSNetError, match="bad backend"), user_errors_as_dsnet():
+        raise ValueError("bad backend")
+    with pytest.raises(KeyError), user_errors_as_dsnet():
+        raise KeyError("not converted")

@@ -232,10 +232,10 @@ def test_coco_metrics_perfect_and_empty(fashion_det):
 def _train_args(root: Path, out: Path, *extra: str) -> list[str]:
     sets = [
         f"data.root={root}",
-        f"run.output_dir={out}",
-        "run.name=run",
-        "run.progress=false",
-        "data.batch_size=4",
+        f"train.output_dir={out}",
+        "train.name=run",
+        "train.progress=false",
+        "train.batch_size=4",
         "optim.warmup_iters=2",
         "model.min_size=64",
         "model.max_size=64",
@@ -245,8 +245,8 @@ def _train_args(root: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_cli_train_eval_predict(fashion_det, tmp_path, capsys):
-    assert main(_train_args(fashion_det, tmp_path, "optim.epochs=1")) == 0
-    (run,) = tmp_path.glob("run-*")  # run.name + a timestamp, as classification runs
+    assert main(_train_args(fashion_det, tmp_path, "sched.epochs=1")) == 0
+    (run,) = tmp_path.glob("run-*")  # train.name + a timestamp, as classification runs
     assert {"config.yaml", "metrics.jsonl", "checkpoints", "summary.json"} <= {p.name for p in run.iterdir()}
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["kind"] == "eval" and records[-1]["epoch"] == 1 and "bbox_AP" in records[-1]
@@ -283,17 +283,17 @@ def test_maskrcnn_trains_and_reports_mask_ap(fashion_det, tmp_path):
         None,
         [
             f"data.root={root}",
-            f"run.output_dir={tmp_path}",
-            "run.progress=false",
+            f"train.output_dir={tmp_path}",
+            "train.progress=false",
             "model.arch=maskrcnn",
             "model.backbone=dsnet_tiny",
             "model.min_size=64",
             "model.max_size=64",
-            "data.batch_size=4",
-            "optim.epochs=1",
+            "train.batch_size=4",
+            "sched.epochs=1",
             "optim.warmup_iters=1",
-            "data.max_train_images=8",
-            "data.max_val_images=3",
+            "data.max_train_samples=8",
+            "data.max_val_samples=3",
             "model.score_thresh=0.0",
         ],
     )

@@ -35,12 +35,12 @@ def det_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _overrides(root: Path, out: Path, *extra: str) -> list[str]:
     return [
         f"data.root={root}",
-        f"run.output_dir={out}",
-        "run.progress=false",
-        "run.log_interval=1",
+        f"train.output_dir={out}",
+        "train.progress=false",
+        "train.log_interval=1",
         "model.min_size=64",
         "model.max_size=64",
-        "data.batch_size=4",
+        "train.batch_size=4",
         "optim.warmup_iters=2",
         *extra,
     ]
@@ -78,7 +78,7 @@ def test_interrupted_run_resumes_exactly(det_data, tmp_path, monkeypatch):
     (mid-epoch 2), then ``dsnet detect train --resume``: the same weights, bit for bit, and the same logs."""
     from dsnet.engine import checkpoint
 
-    extra = ("model.arch=maskrcnn", "optim.epochs=2", "run.ckpt_interval=2", "run.name=r")
+    extra = ("model.arch=maskrcnn", "sched.epochs=2", "train.ckpt_interval=2", "train.name=r")
     whole = train(load_detection_config(None, _overrides(det_data, tmp_path / "whole", *extra)))
 
     original = checkpoint.save_checkpoint
@@ -113,13 +113,13 @@ def test_amp_bf16_on_cpu_trains_and_fp16_is_refused(det_data, tmp_path):
     tries of a bare F.conv2d; fp32 and larger inputs are exact) — the loop then stops with its non-finite-loss error.
     """
     sizes = ("model.min_size=128", "model.max_size=128")
-    cfg = load_detection_config(None, _overrides(det_data, tmp_path, "optim.epochs=1", "run.amp=bf16", *sizes))
+    cfg = load_detection_config(None, _overrides(det_data, tmp_path, "sched.epochs=1", "train.amp=bf16", *sizes))
     summary = train(cfg)
     assert summary["amp"] == "torch.bfloat16" and 0.0 <= summary["bbox_AP"] <= 1.0
     steps = _records(Path(summary["run_dir"]), "step")
     assert len(steps) == 3 and all(r["loss"] == r["loss"] and r["loss"] > 0 for r in steps)  # finite, not NaN
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
-        train(load_detection_config(None, _overrides(det_data, tmp_path, "run.amp=fp16")))
+        train(load_detection_config(None, _overrides(det_data, tmp_path, "train.amp=fp16")))
 
 
 def test_global_batch_must_split_over_processes(det_data, tmp_path, monkeypatch):
@@ -128,7 +128,7 @@ def test_global_batch_must_split_over_processes(det_data, tmp_path, monkeypatch)
     from dsnet.engine.distributed import DistInfo
 
     cfg = load_detection_config(None, _overrides(det_data, tmp_path))
-    with pytest.raises(ValueError, match=r"data\.batch_size=4 must be divisible by the 3 processes"):
+    with pytest.raises(ValueError, match=r"train\.batch_size=4 must be divisible by the 3 processes"):
         engine._train(cfg, DistInfo(0, 0, 3), torch.device("cpu"), None)
 
 
@@ -136,7 +136,7 @@ def _torchrun(nproc: int, root: Path, out: Path) -> dict:
     sets = _overrides(
         root,
         out,
-        "optim.epochs=2",
+        "sched.epochs=2",
         "model.neck=fpn",  # no BatchNorm in the neck, and the backbone's BN uses its running statistics:
         "model.norm=eval",  # batch statistics per rank would legitimately differ from one process's
         "model.backbone_kwargs={attn_drop_rate: 0.0}",  # dropout draws per rank by design
@@ -215,7 +215,7 @@ def test_sharded_evaluation_counts_every_image_once(det_data, tmp_path):
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("data.batch_size=0", r"data\.batch_size=0 is out of range; expected >= 1"),
+        ("train.batch_size=0", r"train\.batch_size=0 is out of range; expected >= 1"),
         ("model.score_thresh=2", r"model\.score_thresh=2\.0 is out of range; expected in \[0, 1\]"),
         ("model.trainable_stages=7", r"model\.trainable_stages=7 is out of range; expected in \[0, 4\]"),
         ("optim.decay_at=[0.5, 1.2]", r"optim\.decay_at=\(0\.5, 1\.2\) is out of range"),
@@ -228,3 +228,42 @@ def test_detection_config_ranges(override, expected):
 
     with pytest.raises(ValueError, match=expected):
         load_detection_config(None, [override])
+
+
+def test_detection_speaks_the_classification_vocabulary(tmp_path, capsys):
+    """train.*, sched.epochs and data.max_*_samples as in classification; the old keys still read, with a warning."""
+    from dsnet.detection.engine import RENAMED_KEYS, load_detection_config
+    from dsnet.engine.config import load_config
+
+    new = load_detection_config(None, ["train.batch_size=6", "sched.epochs=3", "train.amp=none", "train.seed=5"])
+    assert capsys.readouterr().err == ""
+    classification = load_config(None, ["train.batch_size=6", "sched.epochs=3", "train.amp=none", "train.seed=5"])
+    assert (new.train.batch_size, new.sched.epochs, new.train.amp, new.train.seed) == (
+        classification.train.batch_size,
+        classification.sched.epochs,
+        classification.train.amp,
+        classification.train.seed,
+    )
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(
+        "data:\n  batch_size: 6\n  max_train_images: 9\noptim:\n  epochs: 3\nrun:\n  seed: 5\n  amp: none\n"
+    )
+    old = load_detection_config(recipe, ["run.eval_interval=2"])
+    err = capsys.readouterr().err
+    assert (old.train.batch_size, old.sched.epochs, old.train.amp, old.train.seed) == (6, 3, "none", 5)
+    assert (old.data.max_train_samples, old.train.eval_interval) == (9, 2)
+    for key in ("data.batch_size", "data.max_train_images", "optim.epochs", "run.seed", "run.amp", "run.eval_interval"):
+        assert f"detection config key {key} is deprecated; use {RENAMED_KEYS[key]}" in err
+
+
+def test_backbone_defaults_are_one_rule():
+    """Unset trainable_stages/norm: the config and the builders pick the same values, by whether weights load."""
+    from dsnet.detection.builders import backbone_defaults, create_backbone
+    from dsnet.detection.engine import load_detection_config
+
+    cfg = load_detection_config(None, [])
+    assert (cfg.model.trainable_stages, cfg.model.norm) == (None, None)
+    assert backbone_defaults(False) == (4, "train") and backbone_defaults(True) == (3, "frozen")
+    scratch = create_backbone("resnet18", neck="fpn")
+    assert (scratch.trainable_stages, scratch.norm) == (4, "train")
+    assert all(p.requires_grad for p in scratch.body.parameters())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsnet.engine.trainer import cpu_has_native_bf16, resolve_amp
+from dsnet.engine.runtime import cpu_has_native_bf16, resolve_amp
 
 _LINE = "flags\t\t: fpu sse2 avx2 avx512f avx512bw {extra}\n"
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from dsnet.engine import trainer
+from dsnet.engine import runtime
 
 
 @pytest.mark.parametrize(
@@ -18,8 +18,8 @@ def test_auto_threads_leaves_busy_cores_alone(monkeypatch, busy, local, expected
     """On 4 cores: the free ones (rounded, at least 1), split between the processes of this machine."""
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    monkeypatch.setattr(trainer, "busy_cores", lambda: busy)
-    assert trainer.auto_threads(local) == expected
+    monkeypatch.setattr(runtime, "busy_cores", lambda: busy)
+    assert runtime.auto_threads(local) == expected
 
 
 def _readings(*times: tuple[int, int]):
@@ -40,7 +40,7 @@ def _readings(*times: tuple[int, int]):
 )
 def test_busy_cores_from_two_readings(first, second, expected):
     slept = []
-    got = trainer.busy_cores(0.25, read_times=_readings(first, second), sleep=slept.append, cores=2)
+    got = runtime.busy_cores(0.25, read_times=_readings(first, second), sleep=slept.append, cores=2)
     assert got == pytest.approx(expected)
     assert slept == [0.25]  # the readings are one window apart
 
@@ -50,13 +50,13 @@ def test_busy_cores_falls_back_to_the_load_average(monkeypatch):
         raise OSError("no /proc/stat")
 
     monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 1.0, 0.5))
-    assert trainer.busy_cores(read_times=unreadable, sleep=lambda _: None) == 1.5
+    assert runtime.busy_cores(read_times=unreadable, sleep=lambda _: None) == 1.5
 
 
 def test_cpu_times_parses_the_cpu_line(tmp_path):
     stat = tmp_path / "stat"
     stat.write_text("cpu  10 1 5 100 4 0 2 0 0 0\ncpu0 5 0 2 50 2 0 1 0 0 0\n")
-    assert trainer.cpu_times(str(stat)) == (122, 104)  # total of the first 8 fields; idle + iowait
+    assert runtime.cpu_times(str(stat)) == (122, 104)  # total of the first 8 fields; idle + iowait
     stat.write_text("intr 1 2\n")
     with pytest.raises(ValueError):
-        trainer.cpu_times(str(stat))
+        runtime.cpu_times(str(stat))

@@ -19,7 +19,8 @@ from _engine_helpers import CLASSES, fast_overrides, make_imagefolder
 from dsnet.engine.checkpoint import load_training_state, read_metadata
 from dsnet.engine.config import load_config
 from dsnet.engine.inference import load_checkpoint
-from dsnet.engine.trainer import NonFiniteLossError, train
+from dsnet.engine.runtime import NonFiniteLossError
+from dsnet.engine.trainer import train
 
 
 @pytest.fixture(scope="module")

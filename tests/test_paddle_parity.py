@@ -1,7 +1,7 @@
 """Our DS-Net against the real PaddleClas DS-Net, through the real conversion path.
 
 The reference model file (``ppcls/arch/backbone/model_zoo/dsnet.py`` of paddleclas 2.6.0, installed with
-``--no-deps`` by ``scripts/test.sh``) is loaded by path (:mod:`dsnet.convert._paddle_reference`, shared with
+``--no-deps`` by ``scripts/test.sh``) is loaded by path (``tests/_paddle_reference.py``, shared with
 ``benchmarks/throughput.py --paddle``). Each variant gets random weights (BN running statistics included), is saved with
 ``paddle.save``, converted with ``dsnet convert paddle`` and loaded with ``timm.create_model(..., pretrained=True)``.
 """
@@ -19,13 +19,13 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from dsnet.cli.main import main
-from dsnet.convert._paddle_reference import (
+from _paddle_reference import (
     import_paddle,
     load_reference_dsnet,
     randomize_reference,
     set_reference_input_size,
 )
+from dsnet.cli.main import main
 from dsnet.convert.dsnet_reference import PADDLE_LINEAR_MODULES
 
 paddle = import_paddle()  # keeps os.environ as it was (paddle sets OMP_NUM_THREADS=1)

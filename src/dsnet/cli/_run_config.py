@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dsnet.errors import DSNetError
+
 ConfigT = TypeVar("ConfigT")
 
 
@@ -36,7 +38,7 @@ def config_from_args(
     (a resumed run uses the config saved in its folder, so recipe and overrides are refused with it)."""
     if args.resume:
         if args.config or args.set or args.data_dir:
-            raise ValueError("--resume continues a run with its saved config; do not combine it with --config/--set")
+            raise DSNetError("--resume continues a run with its saved config; do not combine it with --config/--set")
         return None
     overrides = list(args.set)
     if args.data_dir:

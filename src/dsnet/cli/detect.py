@@ -3,11 +3,11 @@
 Examples::
 
     dsnet detect make-data data/fashion_det --train 2000 --val 300 --size 128
-    dsnet detect train --config configs/detection/retinanet_dsnet_tiny_fashion.yaml --set optim.epochs=4
+    dsnet detect train --config configs/detection/retinanet_dsnet_tiny_fashion.yaml --set sched.epochs=4
     dsnet detect eval runs/retinanet-dsnet_tiny-ds_fpn-... --split val
     dsnet detect predict runs/retinanet-... data/fashion_det/val/000001.png --out pred.png
 
-Several processes (DDP; gloo on CPU, nccl on CUDA; ``data.batch_size`` is the global batch)::
+Several processes (DDP; gloo on CPU, nccl on CUDA; ``train.batch_size`` is the global batch)::
 
     torchrun --nproc-per-node 2 -m dsnet.cli.main detect train -c configs/detection/retinanet_dsnet_tiny_fashion.yaml
 """
@@ -35,8 +35,8 @@ def _make_data(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from dsnet._io import strict_json
     from dsnet.detection.engine import load_detection_config, train
-    from dsnet.engine.report import strict_json
 
     cfg = config_from_args(args, load_detection_config)
     if cfg is not None and args.print_config:
@@ -49,14 +49,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from dsnet._io import strict_json
     from dsnet.detection.data import CocoDetection, split_paths
     from dsnet.detection.engine import evaluate, load_model
-    from dsnet.engine.report import strict_json
 
     model, cfg, _ = load_model(args.run, args.tag)
     root = args.data or cfg.data.root
     dataset = CocoDetection(*split_paths(root, args.split), masks=cfg.model.arch == "maskrcnn")
-    metrics = evaluate(model, dataset, batch_size=cfg.data.batch_size, limit=args.limit, progress=True)
+    metrics = evaluate(model, dataset, batch_size=cfg.train.batch_size, limit=args.limit, progress=True)
     print(strict_json(metrics, indent=2))
     return 0
 

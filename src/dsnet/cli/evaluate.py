@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dsnet.cli.main import positive_int
+from dsnet.cli.main import positive_int, user_errors_as_dsnet
+from dsnet.errors import DSNetError
 
 
 def evaluate_checkpoint(
@@ -35,6 +36,7 @@ def evaluate_checkpoint(
 
     import torch
 
+    from dsnet._io import atomic_write_json
     from dsnet.data.build import build_dataset
     from dsnet.data.datasets import ShardedEpochSampler, TransformedDataset, collate_with_bad_files
     from dsnet.deploy.runtime import guess_backend, load_for_inference, read_artefact_info
@@ -43,26 +45,29 @@ def evaluate_checkpoint(
     from dsnet.engine.evaluate import evaluate
     from dsnet.engine.inference import load_checkpoint
     from dsnet.engine.report import Progress, plot_confusion
-    from dsnet.engine.trainer import atomic_json, resolve_amp
+    from dsnet.engine.runtime import resolve_amp
 
     checkpoint = Path(checkpoint)
-    backend = backend or guess_backend(checkpoint)
+    with user_errors_as_dsnet():
+        backend = backend or guess_backend(checkpoint)
     run_config = checkpoint / "config.yaml" if checkpoint.is_dir() else None
     if backend != "torch" and checkpoint.is_file():
-        run_dir = read_artefact_info(checkpoint).run_dir
+        with user_errors_as_dsnet():
+            run_dir = read_artefact_info(checkpoint).run_dir
         run_config = run_dir / "config.yaml" if run_dir is not None else None
     if config is None and run_config is not None and run_config.is_file():
         config = run_config
     cfg = load_config(config, overrides)
     device = resolve_device(cfg.train.device)
     if cfg.train.threads or device.type == "cpu":
-        from dsnet.engine.trainer import auto_threads
+        from dsnet.engine.runtime import auto_threads
 
         torch.set_num_threads(cfg.train.threads or auto_threads())
     if backend == "torch":
         model, info = load_checkpoint(checkpoint, ema=ema, tag=tag, model_name=model_name, device=device)
     else:
-        model, info = load_for_inference(checkpoint, backend=backend)
+        with user_errors_as_dsnet():
+            model, info = load_for_inference(checkpoint, backend=backend)
         device = torch.device("cpu")
     if not info.has_preprocessing:  # converted weights: the recipe says how images are prepared
         from dsnet.data.build import normalization
@@ -75,13 +80,13 @@ def evaluate_checkpoint(
         info.mean, info.std = normalization(cfg.data, info.in_chans)
     dataset = build_dataset(cfg.data, split, info.in_chans)
     if len(dataset.classes) != info.num_classes:
-        raise ValueError(
+        raise DSNetError(
             f"{info.path} predicts {info.num_classes} classes but the {cfg.data.dataset} {split} set has "
             f"{len(dataset.classes)} ({', '.join(dataset.classes[:5])}{', ...' if len(dataset.classes) > 5 else ''})"
         )
     named = not all(c.isdigit() for c in info.classes)
     if named and cfg.data.dataset == "imagefolder" and tuple(dataset.classes) != tuple(info.classes):
-        raise ValueError(
+        raise DSNetError(
             f"the class folders of the {split} set {list(dataset.classes)[:5]} differ from the classes the "
             f"checkpoint was trained on {list(info.classes)[:5]}"
         )
@@ -123,14 +128,14 @@ def evaluate_checkpoint(
         "ema": ema,
         **result.to_dict(),
     }
-    atomic_json(output / "eval.json", record)
+    atomic_write_json(output / "eval.json", record)
     title = f"{info.model}{' (EMA)' if ema else ''}: top-1 {result.top1:.2f}% on {result.num_samples} images"
     plot_confusion(result.confusion, dataset.classes, output / "confusion.png", title)
     return result, output
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsnet.engine.report import strict_json
+    from dsnet._io import strict_json
 
     overrides = list(args.set or [])
     if args.data_dir:

@@ -58,24 +58,24 @@ def run(args: argparse.Namespace) -> int:
 
     import dsnet  # noqa: F401  (registers the zoo)
     from dsnet._io import check_writable_folder
-    from dsnet.cli.main import CLIError
     from dsnet.deploy import fuse
     from dsnet.deploy.runtime import load_for_inference, write_artefact_info
     from dsnet.engine.inference import collect_images, load_checkpoint
+    from dsnet.errors import DSNetError
     from dsnet.export.onnx import check_onnx, export_onnx
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     output = Path(args.output)
     if output.suffix.lower() not in (".onnx", ".xml"):
-        raise CLIError(f"output {output} must end in .onnx (ONNX) or .xml (OpenVINO IR)")
+        raise DSNetError(f"output {output} must end in .onnx (ONNX) or .xml (OpenVINO IR)")
     if args.int8 and not args.calib:
-        raise CLIError("--int8 needs calibration images: --calib DIR (a folder of images like the inputs)")
+        raise DSNetError("--int8 needs calibration images: --calib DIR (a folder of images like the inputs)")
     check_writable_folder(output.parent, f"output {output}")
     source = Path(args.source)
     if source.exists():
         model, info = load_checkpoint(source, ema=args.ema, tag=args.tag)
         if args.num_classes is not None or args.in_chans is not None:
-            raise CLIError("--num-classes/--in-chans apply to a model name; a checkpoint already fixes them")
+            raise DSNetError("--num-classes/--in-chans apply to a model name; a checkpoint already fixes them")
     elif args.source in timm.list_models():
         kwargs: dict[str, object] = {}
         if args.num_classes is not None:
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         model = timm.create_model(args.source, **kwargs)
         info = _info_for_model_name(model, args.source)
     else:
-        raise CLIError(
+        raise DSNetError(
             f"unknown model {args.source!r} and no such checkpoint; `dsnet info` lists the zoo, "
             "timm.list_models() the rest"
         )
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         for c in check_onnx(model, output, shapes, runner=runtime):
             print(f"  openvino fp32 vs PyTorch at {c.shape}: max abs diff {c.max_abs_diff:.2e}")
             if c.max_abs_diff > 1e-4:
-                raise CLIError(f"OpenVINO IR {output} differs from PyTorch by {c.max_abs_diff:.2e} at {c.shape}")
+                raise DSNetError(f"OpenVINO IR {output} differs from PyTorch by {c.max_abs_diff:.2e} at {c.shape}")
     if args.int8:  # random inputs say nothing of an int8 graph: compare on the calibration images instead
         from dsnet.export.quantize import _calibration_batches
 

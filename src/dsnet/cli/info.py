@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from dsnet.errors import DSNetError
+
 
 @dataclass
 class ModelInfo:
@@ -36,7 +38,7 @@ def collect(pattern: str = "*", image_size: int = 224, model_kwargs: dict[str, A
     rows = []
     names = list_zoo(pattern)
     if not names:
-        raise ValueError(f"no model of the zoo matches {pattern!r}")
+        raise DSNetError(f"no model of the zoo matches {pattern!r}")
     for name in names:
         # on the meta device: shapes only, no memory, no arithmetic — the counts are exact and take a second
         model = timm.create_model(name, device="meta", **(model_kwargs or {}))
@@ -98,20 +100,20 @@ def _model_kwargs(items: list[str]) -> dict[str, Any]:
     kwargs = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"--set {item!r} is not of the form key=value (e.g. global_strides=[2,2,1,1])")
+            raise DSNetError(f"--set {item!r} is not of the form key=value (e.g. global_strides=[2,2,1,1])")
         key, raw = item.split("=", 1)
         kwargs[key.strip()] = yaml.safe_load(raw)
     return kwargs
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsnet.engine.report import strict_json
+    from dsnet._io import strict_json
 
     kwargs = _model_kwargs(args.set)
     try:
         rows = collect(args.models, args.image_size, kwargs)
     except TypeError as err:  # an unknown model argument in --set
-        raise ValueError(f"--set: {err}") from err
+        raise DSNetError(f"--set: {err}") from err
     if args.json:
         print(strict_json([asdict(r) for r in rows], indent=2))
         return 0

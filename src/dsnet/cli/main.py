@@ -3,6 +3,10 @@
 Every subcommand lives in its own module of :mod:`dsnet.cli` exposing ``register(subparsers)``,
 which adds an ``argparse`` parser whose ``func`` default takes the parsed namespace and returns an exit code.
 Modules import their heavy dependencies inside ``func`` so that ``dsnet --help`` stays fast.
+
+Errors: a :class:`~dsnet.errors.DSNetError` (bad input) or an :class:`OSError` (missing, unreadable or unwritable
+file) is printed as one line, ``dsnet: error: <message>``, with exit code 2. Anything else is a bug of dsnet and
+keeps its traceback, so that it gets reported rather than mistaken for a user error.
 """
 
 from __future__ import annotations
@@ -10,14 +14,28 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from dsnet.errors import DSNetError
 
 #: Subcommand modules, in the order ``dsnet --help`` lists them.
 SUBCOMMANDS: tuple[str, ...] = ("info", "export", "convert", "train", "evaluate", "predict", "detect", "viz")
 
 
-class CLIError(Exception):
-    """A user-facing error: printed as ``dsnet: error: <message>`` without a traceback, exit code 2."""
+@contextmanager
+def user_errors_as_dsnet() -> Iterator[None]:
+    """Treat a ``ValueError`` raised inside the block as a user error (:class:`~dsnet.errors.DSNetError`).
+
+    For calls into :mod:`dsnet.deploy`, whose readers still raise plain ``ValueError`` for bad input (an unknown
+    backend, a missing sidecar); remove once they raise ``DSNetError`` themselves.
+    """
+    try:
+        yield
+    except DSNetError:
+        raise
+    except ValueError as err:
+        raise DSNetError(str(err)) from err
 
 
 def positive_int(text: str) -> int:
@@ -51,10 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CLIError, FileNotFoundError, ValueError) as err:
+    except DSNetError as err:
         print(f"dsnet: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # unwritable output folder, full disk, permission denied...: the OS says which file
+    except OSError as err:  # missing file, unwritable output folder, full disk, permission denied...: the OS says which
         print(f"dsnet: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

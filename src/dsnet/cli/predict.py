@@ -6,17 +6,17 @@ import argparse
 import dataclasses
 import sys
 
-from dsnet.cli.main import positive_int
+from dsnet.cli.main import positive_int, user_errors_as_dsnet
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from dsnet._io import strict_json
     from dsnet.deploy.runtime import load_for_inference
     from dsnet.engine.distributed import resolve_device
     from dsnet.engine.inference import collect_images, predict_files
-    from dsnet.engine.report import strict_json
-    from dsnet.engine.trainer import auto_threads
+    from dsnet.engine.runtime import auto_threads
 
     torch.set_num_threads(args.threads or auto_threads())
     classes = None
@@ -24,18 +24,21 @@ def run(args: argparse.Namespace) -> int:
         with open(args.classes) as handle:
             classes = tuple(line.strip() for line in handle if line.strip())
     if args.backend in (None, "torch") and not str(args.checkpoint).lower().endswith((".onnx", ".xml")):
-        model, info = load_for_inference(
-            args.checkpoint,
-            backend="torch",
-            fuse=not args.no_fuse,
-            ema=args.ema,
-            tag=args.tag,
-            model_name=args.model,
-            classes=classes,
-            device=resolve_device(args.device),
-        )
+        device = resolve_device(args.device, key="--device")
+        with user_errors_as_dsnet():
+            model, info = load_for_inference(
+                args.checkpoint,
+                backend="torch",
+                fuse=not args.no_fuse,
+                ema=args.ema,
+                tag=args.tag,
+                model_name=args.model,
+                classes=classes,
+                device=device,
+            )
     else:
-        model, info = load_for_inference(args.checkpoint, backend=args.backend)
+        with user_errors_as_dsnet():
+            model, info = load_for_inference(args.checkpoint, backend=args.backend)
     files = collect_images(args.inputs)
     predictions = predict_files(model, info, files, top_k=args.top_k, batch_size=args.batch_size)
     failed = [p for p in predictions if p.error]

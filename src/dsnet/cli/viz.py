@@ -13,7 +13,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    vm = figures.load_viz_model(args.model, args.weights, args.input_size, str(resolve_device(args.device)))
+    vm = figures.load_viz_model(
+        args.model, args.weights, args.input_size, str(resolve_device(args.device, key="--device"))
+    )
     if args.kind == "attention":
         baseline = figures.load_baseline(args.baseline, args.baseline_weights) if args.baseline else None
         out = figures.attention_figure(vm, args.images[0], args.out, args.point, args.block, baseline)

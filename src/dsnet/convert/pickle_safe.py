@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from dsnet.errors import DSNetError
+
 __all__ = ["PADDLE_METADATA_KEYS", "NumpyOnlyUnpickler", "UnsafePickleError", "load_numpy_pickle", "load_pdparams"]
 
 #: Entries ``paddle.save`` adds beside the arrays; they describe the file, hold no weights, and are dropped.
@@ -50,7 +52,7 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     return codecs.encode(text, "latin1")
 
 
-class UnsafePickleError(ValueError):
+class UnsafePickleError(DSNetError):
     """A pickle asked for something beyond numpy arrays (a global, a persistent id); nothing of it was run."""
 
 
@@ -117,24 +119,24 @@ def load_numpy_pickle(path: str | os.PathLike[str]) -> Any:
     Raises:
         FileNotFoundError: ``path`` does not exist.
         UnsafePickleError: the pickle names a global other than numpy's array rebuilders (nothing is executed).
-        ValueError: the file is not a pickle, or it is truncated or corrupt.
+        DSNetError: the file is not a pickle, or it is truncated or corrupt.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     if os.path.isdir(path):
-        raise ValueError(f"{path}: is a directory, expected a .pdparams file")
+        raise DSNetError(f"{path}: is a directory, expected a .pdparams file")
     with open(path, "rb") as f:
         reason = _describe_non_pickle(path, f.read(8))
         if reason:
-            raise ValueError(reason)
+            raise DSNetError(reason)
         f.seek(0)
         try:
             obj = NumpyOnlyUnpickler(f, name=path).load()
         except UnsafePickleError:
             raise
         except EOFError:
-            raise ValueError(f"{path}: the pickle ends early (truncated file?)") from None
+            raise DSNetError(f"{path}: the pickle ends early (truncated file?)") from None
         except (
             pickle.UnpicklingError,
             ValueError,
@@ -144,9 +146,9 @@ def load_numpy_pickle(path: str | os.PathLike[str]) -> Any:
             AttributeError,
             OverflowError,
         ) as err:
-            raise ValueError(f"{path}: corrupt or truncated pickle ({type(err).__name__}: {err})") from None
+            raise DSNetError(f"{path}: corrupt or truncated pickle ({type(err).__name__}: {err})") from None
         if f.read(1):
-            raise ValueError(f"{path}: unexpected bytes after the end of the pickle (corrupt file?)")
+            raise DSNetError(f"{path}: unexpected bytes after the end of the pickle (corrupt file?)")
     return obj
 
 
@@ -157,13 +159,13 @@ def load_pdparams(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     (:data:`PADDLE_METADATA_KEYS`) are dropped; anything else that is not a numeric array is an error.
 
     Raises:
-        FileNotFoundError, UnsafePickleError, ValueError: see :func:`load_numpy_pickle`; also ValueError when the
+        FileNotFoundError, UnsafePickleError, DSNetError: see :func:`load_numpy_pickle`; also DSNetError when the
             pickle is not a dict of numeric numpy arrays.
     """
     path = os.fspath(path)
     obj = load_numpy_pickle(path)
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict of arrays (a state dict), found {type(obj).__name__}")
+        raise DSNetError(f"{path}: expected a dict of arrays (a state dict), found {type(obj).__name__}")
     out: dict[str, np.ndarray] = {}
     bad: list[str] = []
     for key, value in obj.items():
@@ -179,7 +181,7 @@ def load_pdparams(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             out[key] = value
     if bad:
         shown = ", ".join(bad[:10]) + (f", ... ({len(bad)} in all)" if len(bad) > 10 else "")
-        raise ValueError(f"{path}: entries that are not numeric arrays: {shown}")
+        raise DSNetError(f"{path}: entries that are not numeric arrays: {shown}")
     if not out:
-        raise ValueError(f"{path}: the state dict holds no arrays")
+        raise DSNetError(f"{path}: the state dict holds no arrays")
     return out

@@ -27,6 +27,8 @@ from torch import nn
 
 from dsnet.convert.checkpoint import CheckpointMismatchError, ConversionResult, finish_conversion, read_checkpoint
 from dsnet.convert.dsnet_reference import convert_reference_state, is_reference_layout
+from dsnet.errors import DSNetError
+from dsnet.models._zoo import list_zoo
 
 __all__ = ["convert_checkpoint", "filter_for_model"]
 
@@ -34,7 +36,6 @@ FilterFn = Callable[[dict[str, Any], nn.Module], Mapping[str, torch.Tensor]]
 
 
 def _zoo_models() -> str:
-    from dsnet.models._zoo import list_zoo
 
     return ", ".join(list_zoo())
 
@@ -43,18 +44,16 @@ def filter_for_model(model: str) -> tuple[FilterFn, str]:
     """The ``checkpoint_filter_fn`` of the module that registers ``model`` in timm, and its qualified name.
 
     Raises:
-        ValueError: ``model`` is not a timm/dsnet model, or its module has no ``checkpoint_filter_fn``.
+        DSNetError: ``model`` is not a timm/dsnet model, or its module has no ``checkpoint_filter_fn``.
     """
     import timm
 
-    import dsnet.models  # noqa: F401  (registers our models into timm)
-
     if not timm.is_model(model):
-        raise ValueError(f"unknown model {model!r}; zoo models: {_zoo_models()}")
+        raise DSNetError(f"unknown model {model!r}; zoo models: {_zoo_models()}")
     module_name = timm.models.model_entrypoint(model).__module__
     fn = getattr(importlib.import_module(module_name), "checkpoint_filter_fn", None)
     if fn is None:
-        raise ValueError(
+        raise DSNetError(
             f"{model} cannot be converted: its module {module_name} has no checkpoint_filter_fn to map foreign names"
         )
     return fn, f"{module_name}.checkpoint_filter_fn"
@@ -71,7 +70,7 @@ def _map_with_filter(
     raw: dict[str, Any], model: str, fn: FilterFn, fn_name: str, source: str
 ) -> tuple[dict[str, torch.Tensor], nn.Module]:
     """(state dict, target model): ``fn`` applied against ``model`` built on the meta device, or on the CPU when
-    the filter needs real tensors of the model. Every refusal of the filter becomes a ValueError naming both."""
+    the filter needs real tensors of the model. Every refusal of the filter becomes a DSNetError naming both."""
     import timm
 
     for device in ("meta", "cpu"):
@@ -80,18 +79,18 @@ def _map_with_filter(
         try:
             state_dict = dict(fn(dict(raw), target))
         except CheckpointMismatchError as err:
-            raise ValueError(f"{source} does not fit {model} (mapped by {fn_name}):\n{err}") from None
+            raise DSNetError(f"{source} does not fit {model} (mapped by {fn_name}):\n{err}") from None
         except (NotImplementedError, RuntimeError) as err:
             if device == "meta":
                 continue  # e.g. the filter copies a tensor of the model: retry with a real one
-            raise ValueError(f"{source}: {fn_name} failed for {model}: {err}") from None
+            raise DSNetError(f"{source}: {fn_name} failed for {model}: {err}") from None
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
-            raise ValueError(f"{source}: its keys do not map onto {model} ({fn_name}): {err}") from None
+            raise DSNetError(f"{source}: its keys do not map onto {model} ({fn_name}): {err}") from None
         if device == "meta" and any(getattr(v, "is_meta", False) for v in state_dict.values()):
             continue  # the filter returned some of the model's own (meta) tensors: retry with real ones
         not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
         if not_tensors:
-            raise ValueError(f"{source}: {fn_name} returned entries that are not tensors: {not_tensors[:10]}")
+            raise DSNetError(f"{source}: {fn_name} returned entries that are not tensors: {not_tensors[:10]}")
         return state_dict, target
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -115,7 +114,7 @@ def convert_checkpoint(
         entry: for ``.pth`` training checkpoints, the entry holding the state dict.
 
     Raises:
-        FileNotFoundError, ValueError: unreadable or unsafe file, no ``model`` for a non-DS-Net file, a model
+        FileNotFoundError, DSNetError: unreadable or unsafe file, no ``model`` for a non-DS-Net file, a model
             without ``checkpoint_filter_fn``, keys the filter refuses, or any key/shape mismatch (all listed).
     """
     source, output = os.fspath(source), os.fspath(output)
@@ -123,7 +122,7 @@ def convert_checkpoint(
     if is_reference_layout(raw):
         return convert_reference_state(raw, output, source=source, layout=layout, model=model, entry=used_entry)
     if model is None:
-        raise ValueError(
+        raise DSNetError(
             f"{source}: not a reference DS-Net checkpoint (first keys: {sorted(raw)[:5]}), so the model cannot be "
             f"inferred; pass --model (zoo models: {_zoo_models()})"
         )

@@ -17,6 +17,7 @@ from dsnet.data.datasets import (
     ShardedEpochSampler,
 )
 from dsnet.data.tensor_batches import BatchRandomResizedCrop, TensorBatches
+from dsnet.errors import DSNetError
 
 __all__ = ["DATASETS", "PIPELINES", "build_dataset", "build_tensor_batches", "build_transform", "normalization"]
 
@@ -40,7 +41,7 @@ def normalization(data: Any, in_chans: int) -> tuple[tuple[float, ...], tuple[fl
         elif in_chans == 1:  # an RGB statistic for a grey model: its average
             mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
         else:
-            raise ValueError(f"data.mean/std have {len(mean)} values but the model takes {in_chans} channels")
+            raise DSNetError(f"data.mean/std have {len(mean)} values but the model takes {in_chans} channels")
     return mean, std
 
 
@@ -80,11 +81,11 @@ def build_dataset(
         dataset: ClassificationDataset = FashionMNISTDataset("train" if split == "train" else "test", data.root, mode)
     elif data.dataset == "imagefolder":
         if data.root is None:
-            raise ValueError("data.root is required for data.dataset=imagefolder (a folder holding train/ and val/)")
+            raise DSNetError("data.root is required for data.dataset=imagefolder (a folder holding train/ and val/)")
         sub = data.train_split if split == "train" else data.val_split
         dataset = ImageFolderDataset(Path(data.root) / sub, mode, classes=classes, require_every_class=split == "train")
     else:
-        raise ValueError(f"unknown data.dataset {data.dataset!r}; expected one of {', '.join(DATASETS)}")
+        raise DSNetError(f"unknown data.dataset {data.dataset!r}; expected one of {', '.join(DATASETS)}")
     limit = data.max_train_samples if split == "train" else data.max_val_samples
     if limit is not None:
         _truncate(dataset, limit)
@@ -117,11 +118,11 @@ def build_tensor_batches(
     """The ``data.pipeline=tensor`` training batches of ``dataset``: in memory, augmented per batch on tensors.
 
     Raises:
-        ValueError: the dataset is not held in memory, or the config asks for an augmentation only the per-image
+        DSNetError: the dataset is not held in memory, or the config asks for an augmentation only the per-image
             pipeline has (the message names the key).
     """
     if not isinstance(dataset, FashionMNISTDataset):
-        raise ValueError(
+        raise DSNetError(
             f"data.pipeline=tensor needs a dataset held in memory (data.dataset=fashion_mnist); "
             f"data.dataset={data.dataset} reads image files: use data.pipeline=pil"
         )
@@ -132,11 +133,11 @@ def build_tensor_batches(
     }
     used = [f"{k}={v}" for k, v in unsupported.items() if v]
     if used:
-        raise ValueError(
+        raise DSNetError(
             f"data.pipeline=tensor does RandomResizedCrop and flips only; {', '.join(used)} needs data.pipeline=pil"
         )
     if data.interpolation != "bilinear":
-        raise ValueError(
+        raise DSNetError(
             f"data.pipeline=tensor resizes bilinearly; set data.interpolation=bilinear, got {data.interpolation!r}"
         )
     images = torch.from_numpy(dataset.images).unsqueeze(1)  # (N, 1, H, W) uint8

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, Sampler
 
 from dsnet.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from dsnet.data.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from dsnet.errors import DSNetError
 
 __all__ = [
     "FASHION_MNIST_MEAN",
@@ -71,7 +72,7 @@ class ImageFolderDataset(ClassificationDataset):
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
-        ValueError: ``root`` has no class folder or no image at all; with ``require_every_class`` (the training
+        DSNetError: ``root`` has no class folder or no image at all; with ``require_every_class`` (the training
             split, which defines the classes), also a class folder without images.
     """
 
@@ -85,16 +86,16 @@ class ImageFolderDataset(ClassificationDataset):
     ) -> None:
         root = Path(root).expanduser()
         if root.exists() and not root.is_dir():
-            raise ValueError(f"dataset folder {root} is a file; expected a folder of class folders")
+            raise DSNetError(f"dataset folder {root} is a file; expected a folder of class folders")
         if not root.is_dir():
             raise FileNotFoundError(f"dataset folder {root} does not exist")
         found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not found:
-            raise ValueError(f"dataset folder {root} has no class sub-folders (expected {root}/<class>/<image>)")
+            raise DSNetError(f"dataset folder {root} has no class sub-folders (expected {root}/<class>/<image>)")
         if classes is not None:
             unknown = sorted(set(found) - set(classes))
             if unknown:
-                raise ValueError(f"{root}: class folders {unknown} are not among the training classes")
+                raise DSNetError(f"{root}: class folders {unknown} are not among the training classes")
             found = list(classes)
         self.root, self.mode, self.classes = root, mode, tuple(found)
         self.samples: list[tuple[Path, int]] = []
@@ -104,13 +105,13 @@ class ImageFolderDataset(ClassificationDataset):
                 files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
                 self.samples.extend((p, label) for p in files)
         if not self.samples:
-            raise ValueError(
+            raise DSNetError(
                 f"dataset folder {root} has class folders but no image files ({', '.join(IMAGE_EXTENSIONS)})"
             )
         if require_every_class:
             empty = sorted(set(self.classes) - {self.classes[label] for _, label in self.samples})
             if empty:
-                raise ValueError(
+                raise DSNetError(
                     f"dataset folder {root}: class folder(s) {empty} hold no image files "
                     f"({', '.join(IMAGE_EXTENSIONS)}); a training class needs images: add some or remove the folder"
                 )
@@ -227,9 +228,9 @@ class ShardedEpochSampler(Sampler):
         seed: int = 0,
     ) -> None:
         if batch_size % world_size:
-            raise ValueError(f"global batch {batch_size} is not divisible by the {world_size} processes")
+            raise DSNetError(f"global batch {batch_size} is not divisible by the {world_size} processes")
         if shuffle and num_samples < batch_size:
-            raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch of {batch_size}")
+            raise DSNetError(f"the dataset has {num_samples} samples, fewer than one global batch of {batch_size}")
         self.num_samples, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
         self.shuffle, self.seed = shuffle, seed
         self.epoch, self.start_update = 0, 0

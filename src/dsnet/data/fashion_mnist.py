@@ -26,6 +26,8 @@ from typing import Literal
 
 import numpy as np
 
+from dsnet.errors import DSNetError
+
 __all__ = ["FASHION_MNIST_CLASSES", "find_fashion_mnist_root", "load_fashion_mnist", "read_idx"]
 
 #: Class names in label order (0 … 9), as published by Zalando Research.
@@ -122,14 +124,14 @@ def _read_verified(path: Path, name: str) -> bytes:
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError) as err:
-            raise ValueError(
+            raise DSNetError(
                 f"{path}: not a valid gzip file ({err}); expected MD5 {_MD5_GZ[name]}, got {gz_md5}. "
                 "Re-install or re-download it."
             ) from err
     raw_md5 = hashlib.md5(data).hexdigest()
     if raw_md5 != _MD5_RAW[name]:
         where = "decompressed content of " if path.suffix == ".gz" else ""
-        raise ValueError(
+        raise DSNetError(
             f"checksum mismatch for {where}{path}: expected MD5 {_MD5_RAW[name]} (official .gz: {_MD5_GZ[name]}), "
             f"got {raw_md5}. The file is corrupt or not Fashion-MNIST; re-install or re-download it."
         )
@@ -140,18 +142,18 @@ def read_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
     """Decode an IDX array of unsigned bytes (magic ``0x0000 08 ndim``) into a numpy array.
 
     Raises:
-        ValueError: bad magic number, unsupported element type or a size that does not match the header.
+        DSNetError: bad magic number, unsupported element type or a size that does not match the header.
     """
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{source}: not an IDX file (bad magic number {data[:4].hex()})")
+        raise DSNetError(f"{source}: not an IDX file (bad magic number {data[:4].hex()})")
     dtype_code, ndim = data[2], data[3]
     if dtype_code != 0x08:
-        raise ValueError(f"{source}: IDX element type 0x{dtype_code:02x} is not supported (expected 0x08, uint8)")
+        raise DSNetError(f"{source}: IDX element type 0x{dtype_code:02x} is not supported (expected 0x08, uint8)")
     header = 4 + 4 * ndim
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(shape, dtype=np.int64))
     if len(data) != expected:
-        raise ValueError(f"{source}: IDX header announces shape {shape} ({expected} bytes) but has {len(data)}")
+        raise DSNetError(f"{source}: IDX header announces shape {shape} ({expected} bytes) but has {len(data)}")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -166,12 +168,12 @@ def load_fashion_mnist(
             the default locations listed in the module docstring.
 
     Raises:
-        ValueError: unknown split, or a file whose checksum does not match (the message names the file and the
+        DSNetError: unknown split, or a file whose checksum does not match (the message names the file and the
             expected and actual MD5).
         FileNotFoundError: files missing (the message says how to install them).
     """
     if split not in _FILES:
-        raise ValueError(f"unknown Fashion-MNIST split {split!r}; expected one of {sorted(_FILES)}")
+        raise DSNetError(f"unknown Fashion-MNIST split {split!r}; expected one of {sorted(_FILES)}")
     folder = find_fashion_mnist_root(root)
     images_name, labels_name = _FILES[split]
     images_path, labels_path = _locate(folder, images_name), _locate(folder, labels_name)
@@ -180,5 +182,5 @@ def load_fashion_mnist(
     labels = read_idx(_read_verified(labels_path, labels_name), str(labels_path))
     n = _COUNTS[split]
     if images.shape != (n, 28, 28) or labels.shape != (n,):
-        raise ValueError(f"{folder}: unexpected shapes {images.shape} / {labels.shape} for split {split!r}")
+        raise DSNetError(f"{folder}: unexpected shapes {images.shape} / {labels.shape} for split {split!r}")
     return images.copy(), labels.astype(np.int64)

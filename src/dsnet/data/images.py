@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from dsnet.errors import DSNetError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS_ENV",
@@ -54,7 +56,7 @@ MAX_PIXELS_ENV = "DSNET_MAX_IMAGE_PIXELS"
 _DEFAULT_MAX_PIXELS = 89_478_485
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(DSNetError):
     """An image file that cannot be decoded; the message names the file and the reason."""
 
 
@@ -68,7 +70,7 @@ def max_image_pixels() -> int:
     except ValueError:
         value = 0
     if value <= 0:
-        raise ValueError(f"{MAX_PIXELS_ENV}={raw!r}: expected a positive number of pixels, e.g. 200000000")
+        raise DSNetError(f"{MAX_PIXELS_ENV}={raw!r}: expected a positive number of pixels, e.g. 200000000")
     return value
 
 
@@ -141,7 +143,7 @@ def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
         ImageLoadError: empty, truncated, corrupt, non-image or too large file (the message names the file).
     """
     if mode not in ("RGB", "L"):
-        raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
+        raise DSNetError(f"mode must be 'RGB' or 'L', got {mode!r}")
     path = Path(path)
     try:
         size = path.stat().st_size

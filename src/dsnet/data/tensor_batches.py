@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from dsnet.data.datasets import ShardedEpochSampler
+from dsnet.errors import DSNetError
 
 __all__ = ["BatchRandomResizedCrop", "TensorBatches", "sample_uniforms"]
 
@@ -81,13 +82,13 @@ class BatchRandomResizedCrop:
         hflip: float = 0.5,
     ) -> None:
         if size < 1:
-            raise ValueError(f"crop size must be positive, got {size}")
+            raise DSNetError(f"crop size must be positive, got {size}")
         if not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"data.scale must satisfy 0 < low <= high <= 1, got {scale}")
+            raise DSNetError(f"data.scale must satisfy 0 < low <= high <= 1, got {scale}")
         if not 0 < ratio[0] <= ratio[1]:
-            raise ValueError(f"data.ratio must satisfy 0 < low <= high, got {ratio}")
+            raise DSNetError(f"data.ratio must satisfy 0 < low <= high, got {ratio}")
         if not 0 <= hflip <= 1:
-            raise ValueError(f"data.hflip must lie in [0, 1], got {hflip}")
+            raise DSNetError(f"data.hflip must lie in [0, 1], got {hflip}")
         self.size, self.scale, self.ratio, self.hflip = size, scale, ratio, hflip
 
     def __call__(self, images: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -144,10 +145,10 @@ class TensorBatches:
         seed: int = 0,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"TensorBatches needs (N, C, H, W) uint8 images, got {images.dtype} {tuple(images.shape)}")
+            raise DSNetError(f"TensorBatches needs (N, C, H, W) uint8 images, got {images.dtype} {tuple(images.shape)}")
         channels = images.shape[1]
         if len(mean) != channels or len(std) != channels:
-            raise ValueError(f"mean/std have {len(mean)}/{len(std)} values for {channels}-channel images")
+            raise DSNetError(f"mean/std have {len(mean)}/{len(std)} values for {channels}-channel images")
         self.images, self.targets, self.sampler = images, targets, sampler
         self.micro_batch, self.augment, self.seed = micro_batch, augment, seed
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)

@@ -8,13 +8,17 @@ max-pooled level, as torchvision and mmdet do.
 
 Norms in the backbone (``norm``):
 
-* ``"frozen"`` (default, torchvision's habit): every ``BatchNorm2d`` becomes torchvision's ``FrozenBatchNorm2d``
-  (statistics and affine parameters fixed), via :func:`timm.layers.freeze_batch_norm_2d`. Right for a pretrained
+* ``"frozen"`` (torchvision's habit; the default for a backbone with loaded weights): every ``BatchNorm2d`` becomes
+  torchvision's ``FrozenBatchNorm2d`` (statistics and affine parameters fixed), via
+  :func:`timm.layers.freeze_batch_norm_2d`. Right for a pretrained
   backbone and the small per-device batches of detection.
 * ``"eval"`` (mmdet's ``norm_eval=True``): BN layers stay ``BatchNorm2d`` but are kept in eval mode during training,
   so statistics are fixed while affine parameters of trainable stages learn.
-* ``"train"``: ordinary BN that updates its statistics; for a backbone trained from scratch with enough images
-  per batch.
+* ``"train"``: ordinary BN that updates its statistics; for a backbone trained from scratch (the default then) with
+  enough images per batch.
+
+When ``trainable_stages`` / ``norm`` are not given, :func:`backbone_defaults` chooses them from whether the backbone
+loads weights: one rule for the builders and the detection config.
 
 Other norms (the LayerNorms of DS-Net's global stream) follow ``trainable_stages``. The neck and the heads are always
 trainable and keep their own norms.
@@ -39,8 +43,17 @@ from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from dsnet.detection.ds_fpn import DSFPN, DSPosition
+from dsnet.errors import DSNetError
 
-__all__ = ["NECKS", "NORM_MODES", "BackboneWithPyramid", "create_backbone", "maskrcnn", "retinanet"]
+__all__ = [
+    "NECKS",
+    "NORM_MODES",
+    "BackboneWithPyramid",
+    "backbone_defaults",
+    "create_backbone",
+    "maskrcnn",
+    "retinanet",
+]
 
 Neck = Literal["fpn", "ds_fpn"]
 NormMode = Literal["frozen", "eval", "train"]
@@ -107,14 +120,14 @@ class BackboneWithPyramid(nn.Module):
         fpn: DSFPN,
         in_levels: tuple[int, ...],
         *,
-        trainable_stages: int = 3,
-        norm: NormMode = "frozen",
+        trainable_stages: int,
+        norm: NormMode,
     ) -> None:
         super().__init__()
         if not 0 <= trainable_stages <= 4:
-            raise ValueError(f"trainable_stages must be between 0 and 4, got {trainable_stages}")
+            raise DSNetError(f"trainable_stages must be between 0 and 4, got {trainable_stages}")
         if norm not in NORM_MODES:
-            raise ValueError(f"unknown backbone norm mode {norm!r}; expected one of {NORM_MODES}")
+            raise DSNetError(f"unknown backbone norm mode {norm!r}; expected one of {NORM_MODES}")
         self.in_levels = tuple(in_levels)
         self.trainable_stages = trainable_stages
         self.norm = norm
@@ -149,6 +162,16 @@ class BackboneWithPyramid(nn.Module):
         return self.fpn(selected)
 
 
+def backbone_defaults(has_weights: bool) -> tuple[int, NormMode]:
+    """``(trainable_stages, norm)`` of a backbone when the caller gives none.
+
+    With loaded weights (``pretrained`` or a checkpoint): ``(3, "frozen")``, torchvision's and mmdetection's recipe
+    for ImageNet backbones (stem and first stage fixed, BN statistics and affine parameters frozen). From scratch:
+    ``(4, "train")``: nothing is learnt yet, so every stage trains, with ordinary BN.
+    """
+    return (3, "frozen") if has_weights else (4, "train")
+
+
 def create_backbone(
     name: str = "dsnet_tiny",
     *,
@@ -157,8 +180,8 @@ def create_backbone(
     neck: Neck = "ds_fpn",
     position: DSPosition | None = "lateral_extra",
     out_channels: int = 256,
-    trainable_stages: int = 3,
-    norm: NormMode = "frozen",
+    trainable_stages: int | None = None,
+    norm: NormMode | None = None,
     pretrained: bool = False,
     checkpoint: str | None = None,
     block_kwargs: dict[str, Any] | None = None,
@@ -174,8 +197,10 @@ def create_backbone(
         neck: ``"fpn"`` (plain; same as ``position=None``) or ``"ds_fpn"``.
         position: DS-Block insertion position of the DS-FPN (ignored for ``neck="fpn"``).
         out_channels: pyramid width.
-        trainable_stages: backbone stages trained, from the top (0 = frozen backbone, 4 = all of it).
-        norm: BN handling in the backbone (``"frozen"``, ``"eval"``, ``"train"``).
+        trainable_stages: backbone stages trained, from the top (0 = frozen backbone, 4 = all of it); None: see
+            :func:`backbone_defaults`.
+        norm: BN handling in the backbone (``"frozen"``, ``"eval"``, ``"train"``); None: see
+            :func:`backbone_defaults`.
         pretrained: load the model's pretrained weights through timm.
         checkpoint: path of a local weights file (safetensors or a torch state dict) for the backbone;
             loaded by timm without executing code. Implies ``pretrained``.
@@ -183,11 +208,11 @@ def create_backbone(
         **model_kwargs: passed to :func:`timm.create_model` (e.g. ``drop_path_rate``).
     """
     if neck not in NECKS:
-        raise ValueError(f"unknown neck {neck!r}; expected one of {NECKS}")
+        raise DSNetError(f"unknown neck {neck!r}; expected one of {NECKS}")
     if not in_levels or any(i not in range(4) for i in in_levels) or list(in_levels) != sorted(set(in_levels)):
-        raise ValueError(f"in_levels must be increasing indices among 0..3 (C2..C5), got {in_levels}")
+        raise DSNetError(f"in_levels must be increasing indices among 0..3 (C2..C5), got {in_levels}")
     if not timm.is_model(name):
-        raise ValueError(f"unknown backbone {name!r}: not a timm model (dsnet models: dsnet.models.list_zoo())")
+        raise DSNetError(f"unknown backbone {name!r}: not a timm model (dsnet models: dsnet.models.list_zoo())")
     if checkpoint is not None:
         from pathlib import Path
 
@@ -200,7 +225,7 @@ def create_backbone(
     )
     reductions = tuple(body.feature_info.reduction())
     if reductions != _STAGE_REDUCTIONS:
-        raise ValueError(f"backbone {name!r} has feature levels of stride {reductions}; expected {_STAGE_REDUCTIONS}")
+        raise DSNetError(f"backbone {name!r} has feature levels of stride {reductions}; expected {_STAGE_REDUCTIONS}")
     channels = body.feature_info.channels()
     fpn = DSFPN(
         [channels[i] for i in in_levels],
@@ -211,7 +236,14 @@ def create_backbone(
         block_kwargs=block_kwargs,
         extra_block_kwargs=extra_block_kwargs,
     )
-    return BackboneWithPyramid(body, fpn, tuple(in_levels), trainable_stages=trainable_stages, norm=norm)
+    default_stages, default_norm = backbone_defaults(pretrained)
+    return BackboneWithPyramid(
+        body,
+        fpn,
+        tuple(in_levels),
+        trainable_stages=default_stages if trainable_stages is None else trainable_stages,
+        norm=default_norm if norm is None else norm,
+    )
 
 
 def retinanet(
@@ -223,8 +255,8 @@ def retinanet(
     min_size: int = 800,
     max_size: int = 1333,
     anchor_sizes: tuple[int, ...] | None = None,
-    trainable_stages: int = 3,
-    norm: NormMode = "frozen",
+    trainable_stages: int | None = None,
+    norm: NormMode | None = None,
     pretrained_backbone: bool = False,
     backbone_checkpoint: str | None = None,
     backbone_kwargs: dict[str, Any] | None = None,
@@ -258,7 +290,7 @@ def retinanet(
     )
     if anchor_sizes is not None:
         if len(anchor_sizes) != 5:
-            raise ValueError(f"anchor_sizes needs one size per level P3–P7 (5), got {anchor_sizes}")
+            raise DSNetError(f"anchor_sizes needs one size per level P3–P7 (5), got {anchor_sizes}")
         # torchvision's RetinaNet anchors: 3 scales (2^0, 2^(1/3), 2^(2/3)) × 3 ratios per level
         scales = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
         kwargs["anchor_generator"] = AnchorGenerator(
@@ -276,8 +308,8 @@ def maskrcnn(
     min_size: int = 800,
     max_size: int = 1333,
     anchor_sizes: tuple[int, ...] | None = None,
-    trainable_stages: int = 3,
-    norm: NormMode = "frozen",
+    trainable_stages: int | None = None,
+    norm: NormMode | None = None,
     pretrained_backbone: bool = False,
     backbone_checkpoint: str | None = None,
     backbone_kwargs: dict[str, Any] | None = None,
@@ -302,7 +334,7 @@ def maskrcnn(
     )
     if anchor_sizes is not None:
         if len(anchor_sizes) != 5:
-            raise ValueError(f"anchor_sizes needs one size per level P2–P6 (5), got {anchor_sizes}")
+            raise DSNetError(f"anchor_sizes needs one size per level P2–P6 (5), got {anchor_sizes}")
         kwargs["rpn_anchor_generator"] = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
     return MaskRCNN(body, num_classes, min_size=min_size, max_size=max_size, **kwargs)
 

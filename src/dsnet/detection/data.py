@@ -4,7 +4,7 @@
 uncompressed RLE through pycocotools) and returns what torchvision's detectors take: a float image ``(3, H, W)``
 in [0, 1] and a target dict with ``boxes`` (xyxy, float), ``labels`` (1 … K, 0 is the background), ``masks``
 (``(N, H, W)`` uint8, when asked) and ``image_id``. Category ids are mapped to contiguous labels in sorted id order.
-Annotations are checked when the dataset is built; a bad file raises ``ValueError``/``FileNotFoundError`` naming
+Annotations are checked when the dataset is built; a bad file raises ``DSNetError``/``FileNotFoundError`` naming
 the file and the annotation or image id. Crowd annotations (``iscrowd=1``) are kept for evaluation by pycocotools
 but left out of training targets. Images without objects are kept (empty targets).
 
@@ -34,7 +34,10 @@ from torch import Tensor
 
 from dsnet._io import atomic_write_text
 from dsnet.data.datasets import sample_seed
+from dsnet.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from dsnet.data.images import ImageLoadError, open_image
+from dsnet.detection.metrics import coco_from_dict
+from dsnet.errors import DSNetError
 
 __all__ = ["CocoDetection", "collate", "load_coco_json", "make_fashion_detection", "split_paths"]
 
@@ -58,46 +61,46 @@ def load_coco_json(ann_file: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(ann_file.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{ann_file}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+        raise DSNetError(f"{ann_file}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{ann_file}: expected a JSON object with 'images', 'annotations', 'categories'")
+        raise DSNetError(f"{ann_file}: expected a JSON object with 'images', 'annotations', 'categories'")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise ValueError(f"{ann_file}: missing or non-list '{key}' (a COCO instances file needs it)")
+            raise DSNetError(f"{ann_file}: missing or non-list '{key}' (a COCO instances file needs it)")
     if not data["categories"]:
-        raise ValueError(f"{ann_file}: 'categories' is empty")
+        raise DSNetError(f"{ann_file}: 'categories' is empty")
     cat_ids = {c.get("id") for c in data["categories"]}
     images = {}
     for img in data["images"]:
         for key in ("id", "file_name", "width", "height"):
             if key not in img:
-                raise ValueError(f"{ann_file}: image entry {img.get('id', img)} has no '{key}'")
+                raise DSNetError(f"{ann_file}: image entry {img.get('id', img)} has no '{key}'")
         if img["id"] in images:
-            raise ValueError(f"{ann_file}: image id {img['id']} appears twice")
+            raise DSNetError(f"{ann_file}: image id {img['id']} appears twice")
         images[img["id"]] = img
     seen = set()
     for ann in data["annotations"]:
         aid = ann.get("id")
         where = f"{ann_file}: annotation id {aid}"
         if aid is None:
-            raise ValueError(f"{ann_file}: an annotation has no 'id' (image {ann.get('image_id')})")
+            raise DSNetError(f"{ann_file}: an annotation has no 'id' (image {ann.get('image_id')})")
         if aid in seen:
-            raise ValueError(f"{where} appears twice")
+            raise DSNetError(f"{where} appears twice")
         seen.add(aid)
         if ann.get("image_id") not in images:
-            raise ValueError(f"{where}: image_id {ann.get('image_id')} is not in 'images'")
+            raise DSNetError(f"{where}: image_id {ann.get('image_id')} is not in 'images'")
         if ann.get("category_id") not in cat_ids:
-            raise ValueError(f"{where}: unknown category_id {ann.get('category_id')} (known: {sorted(cat_ids)})")
+            raise DSNetError(f"{where}: unknown category_id {ann.get('category_id')} (known: {sorted(cat_ids)})")
         bbox = ann.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            raise ValueError(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
+            raise DSNetError(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
         x, y, w, h = bbox
         img = images[ann["image_id"]]
         if w <= 0 or h <= 0:
-            raise ValueError(f"{where}: box {bbox} has non-positive width or height")
+            raise DSNetError(f"{where}: box {bbox} has non-positive width or height")
         t = _BOX_TOLERANCE
         if x < -t or y < -t or x + w > img["width"] + t or y + h > img["height"] + t:
-            raise ValueError(
+            raise DSNetError(
                 f"{where}: box {bbox} (x, y, w, h) lies outside image {img['id']} of size "
                 f"{img['width']}×{img['height']}"
             )
@@ -164,8 +167,6 @@ class CocoDetection(torch.utils.data.Dataset):
     def coco(self) -> Any:
         """The annotations as a ``pycocotools.coco.COCO`` object (for evaluation)."""
         if self._coco is None:
-            from dsnet.detection.metrics import coco_from_dict
-
             self._coco = coco_from_dict(self.data)
         return self._coco
 
@@ -180,10 +181,10 @@ class CocoDetection(torch.utils.data.Dataset):
             with open_image(path) as im:  # refuses decompression bombs from the header
                 pil = im.convert("RGB")
         except (OSError, ImageLoadError) as err:
-            raise ValueError(f"cannot read image {path} (image id {info['id']}): {err}") from None
+            raise DSNetError(f"cannot read image {path} (image id {info['id']}): {err}") from None
         width, height = pil.size
         if (width, height) != (info["width"], info["height"]):
-            raise ValueError(
+            raise DSNetError(
                 f"image {path} (image id {info['id']}) is {width}×{height} but {self.ann_file} says "
                 f"{info['width']}×{info['height']}"
             )
@@ -217,7 +218,7 @@ class CocoDetection(torch.utils.data.Dataset):
         for i, ann in enumerate(anns):
             seg = ann.get("segmentation")
             if not seg:
-                raise ValueError(f"{self.ann_file}: annotation id {ann['id']} has no segmentation (masks requested)")
+                raise DSNetError(f"{self.ann_file}: annotation id {ann['id']} has no segmentation (masks requested)")
             try:
                 if isinstance(seg, list):  # polygons
                     rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
@@ -227,7 +228,7 @@ class CocoDetection(torch.utils.data.Dataset):
                     rle = seg
                 masks[i] = mask_utils.decode(rle)
             except (TypeError, ValueError, AttributeError, KeyError) as err:
-                raise ValueError(
+                raise DSNetError(
                     f"{self.ann_file}: annotation id {ann['id']} has a broken segmentation: {err}"
                 ) from None
         return torch.from_numpy(masks)
@@ -291,12 +292,10 @@ def make_fashion_detection(
     """
     from pycocotools import mask as mask_utils
 
-    from dsnet.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
-
     if size < 32:
-        raise ValueError(f"size must be at least 32 px, got {size}")
+        raise DSNetError(f"size must be at least 32 px, got {size}")
     if train < 0 or val < 0 or train + val == 0:
-        raise ValueError(f"need a positive number of images, got train={train}, val={val}")
+        raise DSNetError(f"need a positive number of images, got train={train}, val={val}")
     out = Path(out)
     categories = [
         {"id": i + 1, "name": name, "supercategory": "fashion"} for i, name in enumerate(FASHION_MNIST_CLASSES)

@@ -43,8 +43,8 @@ one gives 24.57 M, a concat one on each of P6 and P7 25.15 M. Hence ``extra_bloc
 fusion and ``block_kwargs`` to alignment. What the parameter counts cannot decide, and we chose: the heads count
 ``dim // 64``, attention dropout 0 in the neck, the global grid (stride 32, above), P6 computed from the raw C5 (not
 the DS-refined lateral), and the extra block refining P6 before P7 is derived from it (rather than refining P7).
-With the default ``norm="frozen"`` backbone the count is 10,880 lower (frozen BN keeps its affine weights as
-buffers), and with the starred backbone ``dsnet_tiny`` it is 25.87 M (FPN: 20.27 M).
+With ``norm="frozen"`` (the default for a backbone with loaded weights) the count is 10,880 lower (frozen BN keeps
+its affine weights as buffers), and with the starred backbone ``dsnet_tiny`` it is 25.87 M (FPN: 20.27 M).
 
 Example:
     >>> import torch
@@ -64,6 +64,9 @@ from typing import Any, Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
+
+from dsnet.errors import DSNetError
+from dsnet.models.dsnet import DSBlock
 
 __all__ = [
     "DSFPN",
@@ -104,8 +107,6 @@ def ds_block(dim: int, stride: int, **kwargs: Any) -> nn.Module:
     training). Other ``kwargs`` go to :class:`dsnet.models.dsnet.DSBlock` (``alignment``, ``global_ratio``,
     ``drop_path``, ...).
     """
-    from dsnet.models.dsnet import DSBlock
-
     if "num_heads" not in kwargs:
         kwargs["num_heads"] = default_num_heads(dim, kwargs.get("global_ratio", 0.5))
     kwargs.setdefault("mlp_ratio", 4.0)
@@ -190,16 +191,16 @@ class DSFPN(nn.Module):
     ) -> None:
         super().__init__()
         if position not in DS_POSITIONS:
-            raise ValueError(f"unknown DS-FPN position {position!r}; expected one of {DS_POSITIONS}")
+            raise DSNetError(f"unknown DS-FPN position {position!r}; expected one of {DS_POSITIONS}")
         if extra_levels not in (None, "p6p7", "maxpool"):
-            raise ValueError(f"unknown extra_levels {extra_levels!r}; expected 'p6p7', 'maxpool' or None")
+            raise DSNetError(f"unknown extra_levels {extra_levels!r}; expected 'p6p7', 'maxpool' or None")
         if not in_channels_list or any(c <= 0 for c in in_channels_list):
-            raise ValueError(f"in_channels_list must be non-empty positive channel counts, got {in_channels_list}")
+            raise DSNetError(f"in_channels_list must be non-empty positive channel counts, got {in_channels_list}")
         if strides is None:
             first = 8 if len(in_channels_list) == 3 else 4
             strides = [first * 2**i for i in range(len(in_channels_list))]
         if len(strides) != len(in_channels_list):
-            raise ValueError(f"{len(strides)} strides given for {len(in_channels_list)} levels")
+            raise DSNetError(f"{len(strides)} strides given for {len(in_channels_list)} levels")
         block_kwargs = {"alignment": True, **(block_kwargs or {})}
         extra_block_kwargs = {"alignment": False, **(extra_block_kwargs or {})}
         self.position = position

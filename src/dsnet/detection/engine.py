@@ -7,8 +7,11 @@ and ``checkpoints/`` (``last``/``best`` written atomically by :mod:`dsnet.engine
 
 The loop shares the classification engine's machinery: :class:`~dsnet.data.datasets.ShardedEpochSampler` (data order
 a function of ``(seed, epoch)``, a global batch split over the ranks, restart at any update), per-sample flip seeds,
-``torchrun`` DDP (gloo on CPU, nccl on CUDA) with sharded evaluation, ``run.amp`` autocast, timm's optimizer and
-step schedule, atomic checkpoints.
+``torchrun`` DDP (gloo on CPU, nccl on CUDA) with sharded evaluation, ``train.amp`` autocast, timm's optimizer and
+step schedule, atomic checkpoints. The config speaks the classification vocabulary (``train.batch_size``,
+``train.amp``, ``train.seed``, ``sched.epochs``, ``data.max_train_samples``...); the keys of earlier versions
+(``run.*``, ``data.batch_size``, ``optim.epochs``, ``data.max_train_images``) are still read, with a warning that
+names the new key (:data:`RENAMED_KEYS`).
 
 Several processes::
 
@@ -16,7 +19,7 @@ Several processes::
 
 Example (a few seconds on a CPU):
     >>> from dsnet.detection.engine import load_detection_config, train
-    >>> cfg = load_detection_config(None, ["data.root=/tmp/fashion_det", "optim.epochs=1", "model.backbone=resnet18"])
+    >>> cfg = load_detection_config(None, ["data.root=/tmp/fashion_det", "sched.epochs=1", "model.backbone=resnet18"])
     >>> cfg.model.arch, cfg.optim.lr
     ('retinanet', 0.0002)
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +39,13 @@ import torch
 import yaml
 from torch import nn
 
-from dsnet._io import atomic_write_text, check_writable_folder
+from dsnet._io import atomic_write_json, atomic_write_text, check_writable_folder
+from dsnet.data.datasets import ShardedEpochSampler
+from dsnet.detection import builders
+from dsnet.detection.data import CocoDetection, collate, split_paths
+from dsnet.detection.metrics import coco_evaluate, coco_from_dict, to_coco_results
+from dsnet.engine import checkpoint as ckpt
+from dsnet.engine.checkpoint import load_weights, resolve_checkpoint, resolve_run
 from dsnet.engine.config import (
     NON_NEGATIVE,
     POSITIVE,
@@ -46,8 +56,22 @@ from dsnet.engine.config import (
     load_typed_config,
     model_min_input,
 )
+from dsnet.engine.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+    rank_and_world,
+)
+from dsnet.engine.report import MetricsLog, Progress, format_metric
+from dsnet.engine.runtime import autocast_context, check_finite_loss, resolve_amp, seed_update, set_threads
+from dsnet.engine.trainer import make_run_dir
+from dsnet.errors import DSNetError
 
 __all__ = [
+    "RENAMED_KEYS",
     "DetectionConfig",
     "build_model",
     "draw_predictions",
@@ -66,8 +90,10 @@ class DetModelConfig:
     backbone: str = "dsnet_tiny"  # any timm model with features_only support
     neck: str = "ds_fpn"  # "ds_fpn" or "fpn"
     position: str | None = "lateral_extra"  # DS-Block position: last, lateral, lateral_rev, lateral_extra
-    trainable_stages: int = 4  # backbone stages trained from the top (0-4); 4: all (from-scratch backbones)
-    norm: str = "train"  # backbone BN: "frozen", "eval" or "train" (from scratch: train)
+    # backbone stages trained from the top (0-4) and BN handling ("frozen", "eval", "train"); None: the builders'
+    # rule, dsnet.detection.builders.backbone_defaults (3 and frozen with loaded weights, 4 and train from scratch)
+    trainable_stages: int | None = None
+    norm: str | None = None
     min_size: int = 128  # short image side after torchvision's resize
     max_size: int = 128  # long image side limit
     anchor_sizes: tuple[int, ...] | None = None  # base anchor size per level; None: torchvision's 32 ... 512
@@ -85,10 +111,9 @@ class DetDataConfig:
     train_split: str = "train"
     val_split: str = "val"
     hflip: float = 0.5  # random horizontal flip probability in training
-    batch_size: int = 8  # GLOBAL images per optimizer update (split over the torchrun processes)
     workers: int = 0  # DataLoader workers per process
-    max_train_images: int | None = None  # first N training images only (quick runs, tests)
-    max_val_images: int | None = None  # first N validation images only
+    max_train_samples: int | None = None  # first N training images only (quick runs, tests)
+    max_val_samples: int | None = None  # first N validation images only
 
 
 @dataclass
@@ -99,9 +124,8 @@ class DetOptimConfig:
     (mmdetection's 0.001), then ×0.1 at each milestone.
     """
 
-    lr: float = 2e-4  # for the global batch data.batch_size
+    lr: float = 2e-4  # for the global batch train.batch_size
     weight_decay: float = 0.05  # not applied to norms and biases
-    epochs: int = 12
     warmup_iters: int = 100  # linear warm-up updates
     warmup_ratio: float = 0.001  # warm-up starts at lr × warmup_ratio
     decay_at: tuple[float, ...] = (8 / 12, 11 / 12)  # fractions of training where lr is multiplied by 0.1
@@ -109,14 +133,22 @@ class DetOptimConfig:
 
 
 @dataclass
-class DetRunConfig:
-    """Loop, logs, outputs."""
+class DetSchedConfig:
+    """Length of training (the warm-up and the step decay are in ``optim``)."""
 
+    epochs: int = 12
+
+
+@dataclass
+class DetTrainConfig:
+    """Loop, batch, precision, device, logs, outputs (the keys of classification's ``train`` section)."""
+
+    batch_size: int = 8  # GLOBAL images per optimizer update (split over the torchrun processes)
     seed: int = 0  # initialisation, data order, flips, the detectors' own samplers
     device: str = "auto"  # "auto" (cuda:<local rank> if available, else cpu), "cpu", "cuda", ...
     amp: str = "auto"  # "auto" (bf16 on cuda with bf16, else off), "native" (also bf16 on CPUs with AVX512-BF16/AMX),
-    # "none", "bf16", "fp16" (cuda); see dsnet.engine.trainer.resolve_amp
-    threads: int | None = None  # torch CPU threads per process; None: dsnet.engine.trainer.auto_threads
+    # "none", "bf16", "fp16" (cuda); see dsnet.engine.runtime.resolve_amp
+    threads: int | None = None  # torch CPU threads per process; None: dsnet.engine.runtime.auto_threads
     output_dir: str = "runs"
     name: str | None = None  # run name; the folder is <name>-<timestamp>; None: "<arch>-<backbone>-<neck>"
     log_interval: int = 20  # updates between step records
@@ -127,15 +159,48 @@ class DetRunConfig:
 
 @dataclass
 class DetectionConfig:
-    """A whole detection run (sections ``model``, ``data``, ``optim``, ``run``)."""
+    """A whole detection run (sections ``model``, ``data``, ``optim``, ``sched``, ``train``)."""
 
     model: DetModelConfig = field(default_factory=DetModelConfig)
     data: DetDataConfig = field(default_factory=DetDataConfig)
     optim: DetOptimConfig = field(default_factory=DetOptimConfig)
-    run: DetRunConfig = field(default_factory=DetRunConfig)
+    sched: DetSchedConfig = field(default_factory=DetSchedConfig)
+    train: DetTrainConfig = field(default_factory=DetTrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+#: Keys of earlier detection configs → the classification names they now share (read with a warning).
+RENAMED_KEYS: dict[str, str] = {
+    "data.batch_size": "train.batch_size",
+    "optim.epochs": "sched.epochs",
+    "data.max_train_images": "data.max_train_samples",
+    "data.max_val_images": "data.max_val_samples",
+    **{
+        f"run.{k}": f"train.{k}"
+        for k in (
+            "seed",
+            "device",
+            "amp",
+            "threads",
+            "output_dir",
+            "name",
+            "log_interval",
+            "ckpt_interval",
+            "eval_interval",
+            "progress",
+        )
+    },
+}
+
+
+def _renamed_key(key: str, value: Any) -> tuple[str, Any]:
+    new = RENAMED_KEYS.get(key)
+    if new is None:
+        return key, value
+    print(f"dsnet: warning: detection config key {key} is deprecated; use {new}", file=sys.stderr)
+    return new, value
 
 
 def load_detection_config(
@@ -144,11 +209,20 @@ def load_detection_config(
     """Defaults, then the YAML recipe at ``path`` (nested sections), then ``section.key=value`` overrides.
 
     The same loader as classification runs (:func:`dsnet.engine.config.load_typed_config`): ``base:`` recipes,
-    typed values, unknown keys named with the valid ones.
+    typed values, unknown keys named with the valid ones. Keys of :data:`RENAMED_KEYS` (and a ``run:`` section) are
+    read under their new names, with a warning on stderr.
     """
-    cfg = load_typed_config(DetectionConfig, path, overrides, check=_check_detection)
+    cfg = load_typed_config(
+        DetectionConfig,
+        path,
+        overrides,
+        rename=_renamed_key,
+        aliases=RENAMED_KEYS,
+        legacy_sections=("run",),
+        check=_check_detection,
+    )
     if cfg.model.arch not in ("retinanet", "maskrcnn"):
-        raise ValueError(f"model.arch must be 'retinanet' or 'maskrcnn', got {cfg.model.arch!r}")
+        raise DSNetError(f"model.arch must be 'retinanet' or 'maskrcnn', got {cfg.model.arch!r}")
     return cfg
 
 
@@ -160,32 +234,32 @@ DETECTION_RANGES: dict[str, Bound] = {
     "model.anchor_sizes": POSITIVE_INT,
     "model.score_thresh": PROBABILITY,
     "data.hflip": PROBABILITY,
-    "data.batch_size": POSITIVE_INT,
     "data.workers": NON_NEGATIVE,
-    "data.max_train_images": POSITIVE_INT,
-    "data.max_val_images": POSITIVE_INT,
+    "data.max_train_samples": POSITIVE_INT,
+    "data.max_val_samples": POSITIVE_INT,
     "optim.lr": POSITIVE,
     "optim.weight_decay": NON_NEGATIVE,
-    "optim.epochs": POSITIVE_INT,
     "optim.warmup_iters": NON_NEGATIVE,
     "optim.warmup_ratio": Bound(0, 1, low_open=True),
     "optim.decay_at": Bound(0, 1, low_open=True, high_open=True),
     "optim.clip_grad": POSITIVE,
-    "run.seed": NON_NEGATIVE,
-    "run.threads": POSITIVE_INT,
-    "run.log_interval": POSITIVE_INT,
-    "run.ckpt_interval": NON_NEGATIVE,
-    "run.eval_interval": POSITIVE_INT,
+    "sched.epochs": POSITIVE_INT,
+    "train.batch_size": POSITIVE_INT,
+    "train.seed": NON_NEGATIVE,
+    "train.threads": POSITIVE_INT,
+    "train.log_interval": POSITIVE_INT,
+    "train.ckpt_interval": NON_NEGATIVE,
+    "train.eval_interval": POSITIVE_INT,
 }
 
 
 def _check_detection(cfg: DetectionConfig, where: str) -> None:
     check_ranges(cfg, DETECTION_RANGES, where)
     if cfg.model.max_size < cfg.model.min_size:
-        raise ValueError(f"{where}: model.max_size={cfg.model.max_size} is below model.min_size={cfg.model.min_size}")
+        raise DSNetError(f"{where}: model.max_size={cfg.model.max_size} is below model.min_size={cfg.model.min_size}")
     min_input = model_min_input(cfg.model.backbone)
     if cfg.model.min_size < min_input:
-        raise ValueError(
+        raise DSNetError(
             f"{where}: model.min_size={cfg.model.min_size} is too small for {cfg.model.backbone}; "
             f"it takes inputs of at least {min_input}x{min_input} px"
         )
@@ -193,8 +267,6 @@ def _check_detection(cfg: DetectionConfig, where: str) -> None:
 
 def build_model(cfg: DetModelConfig, num_classes: int) -> nn.Module:
     """The torchvision detector described by ``cfg`` (``num_classes`` includes the background)."""
-    from dsnet.detection import builders
-
     if cfg.arch == "retinanet":
         make, extra = builders.retinanet, {"score_thresh": cfg.score_thresh}
     else:
@@ -217,11 +289,10 @@ def build_model(cfg: DetModelConfig, num_classes: int) -> nn.Module:
 
 
 def _datasets(cfg: DetectionConfig) -> tuple[Any, Any]:
-    from dsnet.detection.data import CocoDetection, split_paths
 
     masks = cfg.model.arch == "maskrcnn"
     train_set = CocoDetection(
-        *split_paths(cfg.data.root, cfg.data.train_split), masks=masks, hflip=cfg.data.hflip, seed=cfg.run.seed
+        *split_paths(cfg.data.root, cfg.data.train_split), masks=masks, hflip=cfg.data.hflip, seed=cfg.train.seed
     )
     val_set = CocoDetection(*split_paths(cfg.data.root, cfg.data.val_split), masks=masks)
     return train_set, val_set
@@ -244,12 +315,6 @@ def evaluate(
     count (the ground truth is restricted to them too). Under torchrun each process runs ``batch_size`` images at a
     time on its share of the images; every process returns the metrics of the whole set.
     """
-    from dsnet.detection.data import collate
-    from dsnet.detection.metrics import coco_evaluate, coco_from_dict, to_coco_results
-    from dsnet.engine.distributed import all_gather_objects, broadcast_object, rank_and_world
-    from dsnet.engine.evaluate import autocast_context
-    from dsnet.engine.report import Progress
-
     device = torch.device(device)
     masks = bool(getattr(model, "roi_heads", None) is not None and model.roi_heads.has_mask())
     count = len(dataset) if limit is None else min(limit, len(dataset))
@@ -308,11 +373,8 @@ def train(cfg: DetectionConfig | None = None, *, resume: str | Path | None = Non
     Returns the last evaluation's metrics plus ``run_dir``; the run folder also gets ``summary.json``.
     One process, or one of several started by ``torchrun`` (DDP).
     """
-    from dsnet.engine.checkpoint import resolve_run
-    from dsnet.engine.distributed import cleanup, init_distributed
-
     cfg, resume_dir = resolve_run(cfg, resume, load_detection_config)
-    dist_info, device = init_distributed(cfg.run.device)
+    dist_info, device = init_distributed(cfg.train.device, key="train.device")
     try:
         return _train(cfg, dist_info, device, resume_dir)
     finally:
@@ -323,26 +385,18 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
     from timm.optim import create_optimizer_v2
     from torch.utils.data import DataLoader
 
-    from dsnet.data.datasets import ShardedEpochSampler
-    from dsnet.detection.data import collate
-    from dsnet.engine import checkpoint as ckpt
-    from dsnet.engine.distributed import all_reduce_sum, barrier
-    from dsnet.engine.evaluate import autocast_context
-    from dsnet.engine.report import MetricsLog, Progress, format_metric
-    from dsnet.engine.trainer import atomic_json, make_run_dir, resolve_amp, set_threads, update_seed
-
-    r, main, world = cfg.run, dist_info.is_main, dist_info.world_size
+    r, main, world = cfg.train, dist_info.is_main, dist_info.world_size
     set_threads(r.threads, device)
-    amp_dtype = resolve_amp(r.amp, device)
-    if cfg.data.batch_size % world:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {world} processes")
-    micro = cfg.data.batch_size // world
+    amp_dtype = resolve_amp(r.amp, device, key="train.amp")
+    if r.batch_size % world:
+        raise DSNetError(f"train.batch_size={r.batch_size} must be divisible by the {world} processes")
+    micro = r.batch_size // world
     if resume_dir is None and main:
-        check_writable_folder(r.output_dir, f"run.output_dir={r.output_dir}")
+        check_writable_folder(r.output_dir, f"train.output_dir={r.output_dir}")
     train_set, val_set = _datasets(cfg)
-    n_train = len(train_set) if cfg.data.max_train_images is None else min(cfg.data.max_train_images, len(train_set))
-    sampler = ShardedEpochSampler(n_train, cfg.data.batch_size, rank=dist_info.rank, world_size=world, seed=r.seed)
-    total = cfg.optim.epochs * sampler.updates_per_epoch
+    n_train = len(train_set) if cfg.data.max_train_samples is None else min(cfg.data.max_train_samples, len(train_set))
+    sampler = ShardedEpochSampler(n_train, r.batch_size, rank=dist_info.rank, world_size=world, seed=r.seed)
+    total = cfg.sched.epochs * sampler.updates_per_epoch
 
     torch.manual_seed(r.seed)
     model = build_model(cfg.model, train_set.num_classes).to(device)
@@ -377,7 +431,7 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
             f"run folder: {run_dir}\n{cfg.model.arch} + {cfg.model.backbone} + {cfg.model.neck}: "
             f"{n_params / 1e6:.2f}M params, {train_set.num_classes - 1} classes, {n_train} train / {len(val_set)} val "
             f"images, {world} process(es) on {device} ({torch.get_num_threads()} thread(s) each), global batch "
-            f"{cfg.data.batch_size}, {sampler.updates_per_epoch} updates/epoch, amp {amp_dtype or 'off'}",
+            f"{r.batch_size}, {sampler.updates_per_epoch} updates/epoch, amp {amp_dtype or 'off'}",
             flush=True,
         )
     train_model: nn.Module = model
@@ -407,7 +461,7 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
         barrier()
 
     metrics: dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg.optim.epochs):
+    for epoch in range(start_epoch, cfg.sched.epochs):
         first = start_in_epoch if epoch == start_epoch else 0
         sampler.set_epoch(epoch, first)
         loader = DataLoader(
@@ -419,26 +473,28 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
             pin_memory=device.type == "cuda",
         )
         bar = Progress(
-            (sampler.updates_per_epoch - first) * cfg.data.batch_size,
-            f"epoch {epoch + 1}/{cfg.optim.epochs}",
+            (sampler.updates_per_epoch - first) * r.batch_size,
+            f"epoch {epoch + 1}/{cfg.sched.epochs}",
             enabled=r.progress and main,
         )
         train_model.train()
         update_in_epoch, tic = first, time.perf_counter()
         for images, targets in loader:
-            torch.manual_seed(update_seed(r.seed, update, dist_info.rank))  # the detectors' box samplers
+            seed_update(r.seed, update, dist_info.rank)  # the detectors' box samplers
             images = [im.to(device, non_blocking=True) for im in images]
             targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
             with autocast_context(device, amp_dtype):
                 losses = train_model(images, targets)
             losses = {k: v.float() for k, v in losses.items()}
             loss = sum(losses.values())
-            finite = torch.isfinite(loss.detach()).to(torch.float64)
-            if float(all_reduce_sum(finite) / world) < 1:  # every rank stops together
-                raise FloatingPointError(
-                    f"training loss is {loss.item():.4g} at epoch {epoch + 1}, update {update} "
-                    f"(lr {optimizer.param_groups[0]['lr']:.3g}); lower optim.lr or keep optim.clip_grad set"
-                )
+            check_finite_loss(
+                loss,
+                epoch=epoch,
+                update=update,
+                lr=optimizer.param_groups[0]["lr"],
+                advice="lower optim.lr, keep optim.clip_grad set, or use train.amp=none",
+                world_size=world,
+            )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.optim.clip_grad:
@@ -449,7 +505,7 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
             update += 1
             update_in_epoch += 1
             scheduler.step_update(num_updates=update)
-            bar.update(cfg.data.batch_size, loss=loss.item())
+            bar.update(r.batch_size, loss=loss.item())
             if update % r.log_interval == 0:
                 names = sorted(losses)
                 values = all_reduce_sum(torch.stack([losses[k].detach().cpu().double() for k in names])) / world
@@ -468,12 +524,12 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
                 tic = time.perf_counter()
         train_seconds += time.perf_counter() - tic
         bar.close()
-        if (epoch + 1) % r.eval_interval == 0 or epoch + 1 == cfg.optim.epochs:
+        if (epoch + 1) % r.eval_interval == 0 or epoch + 1 == cfg.sched.epochs:
             metrics = evaluate(
                 model,
                 val_set,
                 batch_size=micro,
-                limit=cfg.data.max_val_images,
+                limit=cfg.data.max_val_samples,
                 device=device,
                 amp_dtype=amp_dtype,
                 progress=r.progress,
@@ -490,9 +546,9 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
     summary = {
         **metrics,
         "best_bbox_AP": best if math.isfinite(best) else None,
-        "epochs": cfg.optim.epochs,
+        "epochs": cfg.sched.epochs,
         "updates": update,
-        "global_batch": cfg.data.batch_size,
+        "global_batch": r.batch_size,
         "processes": world,
         "device": str(device),
         "amp": str(amp_dtype) if amp_dtype else "off",
@@ -500,15 +556,13 @@ def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_di
         "run_dir": str(run_dir),
     }
     if main:
-        atomic_json(run_dir / "summary.json", summary)
+        atomic_write_json(run_dir / "summary.json", summary)
     barrier()
     return summary
 
 
 def load_model(run_dir: str | Path, tag: str = "best") -> tuple[nn.Module, DetectionConfig, list[str]]:
     """``(model, config, class names)`` of a finished run folder, weights loaded (safetensors, no code executed)."""
-    from dsnet.engine.checkpoint import load_weights, resolve_checkpoint
-
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():

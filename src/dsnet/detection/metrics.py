@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dsnet.errors import DSNetError
+
 __all__ = ["COCO_METRIC_NAMES", "coco_evaluate", "coco_from_dict", "to_coco_results"]
 
 #: The first six numbers of ``COCOeval.stats``, in order.
@@ -81,7 +83,7 @@ def coco_evaluate(
     metrics: dict[str, float] = {}
     for iou_type in iou_types:
         if iou_type not in ("bbox", "segm"):
-            raise ValueError(f"unknown iou_type {iou_type!r}; expected 'bbox' or 'segm'")
+            raise DSNetError(f"unknown iou_type {iou_type!r}; expected 'bbox' or 'segm'")
         if not results:
             metrics.update({f"{iou_type}_{name}": 0.0 for name in COCO_METRIC_NAMES})
             continue

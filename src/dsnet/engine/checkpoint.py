@@ -36,6 +36,8 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from dsnet._io import atomic_write, remove_stale_temporaries
+from dsnet.errors import DSNetError
+from dsnet.models._checkpoint import load_torch_checkpoint
 
 __all__ = [
     "ResumePoint",
@@ -125,14 +127,14 @@ def resolve_run(
         if not resume_dir.exists():
             raise FileNotFoundError(f"cannot resume: {resume_dir} is not a run folder: it does not exist")
         if not resume_dir.is_dir():
-            raise ValueError(f"cannot resume: {resume_dir} is a file; --resume takes a run folder of dsnet train")
+            raise DSNetError(f"cannot resume: {resume_dir} is a file; --resume takes a run folder of dsnet train")
         if not (resume_dir / "config.yaml").is_file():
             raise FileNotFoundError(
                 f"cannot resume: {resume_dir} is not a run folder ({resume_dir / 'config.yaml'} does not exist)"
             )
         cfg = load(resume_dir / "config.yaml")
     if cfg is None:
-        raise ValueError("train() needs a config or a run folder to resume")
+        raise DSNetError("train() needs a config or a run folder to resume")
     return cfg, resume_dir
 
 
@@ -188,9 +190,9 @@ def _read_state(path: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for truncated or foreign files
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"{path}: not a readable training state, truncated or corrupt ({first})") from None
+        raise DSNetError(f"{path}: not a readable training state, truncated or corrupt ({first})") from None
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a training state (found {type(state).__name__})")
+        raise DSNetError(f"{path}: not a training state (found {type(state).__name__})")
     return state
 
 
@@ -280,13 +282,13 @@ def read_metadata(path: Path) -> dict[str, Any]:
     """The metadata of a safetensors file, JSON values decoded.
 
     Raises:
-        ValueError: not a readable safetensors file (truncated, corrupt or another format); the message names it.
+        DSNetError: not a readable safetensors file (truncated, corrupt or another format); the message names it.
     """
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = handle.metadata() or {}
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt ({err})") from None
+        raise DSNetError(f"{path}: not a readable safetensors file, truncated or corrupt ({err})") from None
     out: dict[str, Any] = {}
     for key, value in raw.items():
         try:
@@ -298,19 +300,17 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(state_dict, metadata)`` of a ``.safetensors`` file, or of a ``.pt``/``.pth`` file via weights_only loading
-    (a training checkpoint is unwrapped by :func:`dsnet.convert.checkpoint.unwrap_state_dict`).
+    (a training checkpoint is unwrapped by :func:`dsnet.models._checkpoint.unwrap_state_dict`).
 
     Raises:
-        ValueError: unreadable (truncated, corrupt) or not a weights file; the message names the file.
+        DSNetError: unreadable (truncated, corrupt) or not a weights file; the message names the file.
     """
-    from dsnet.convert.checkpoint import load_torch_checkpoint
-
     path = Path(path)
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path)), read_metadata(path)
         except (SafetensorError, OSError) as err:
-            raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt ({err})") from None
+            raise DSNetError(f"{path}: not a readable safetensors file, truncated or corrupt ({err})") from None
     state, _ = load_torch_checkpoint(
         path,
         report=lambda line: print(line, file=sys.stderr),
@@ -344,7 +344,7 @@ def _read_pair(
         raise FileNotFoundError(f"{state_path} (the training state of {weights_path.name}) does not exist")
     state = _read_state(state_path)
     if state.get("token") != token:
-        raise ValueError(f"{state_path} and {weights_path} come from different saves (token mismatch)")
+        raise DSNetError(f"{state_path} and {weights_path} come from different saves (token mismatch)")
     weights, metadata = load_weights(weights_path)
     return state, weights, metadata, weights_path
 
@@ -357,7 +357,7 @@ def load_resume_point(folder: Path, tag: str = "last", log: Callable[[str], None
     what was wrong and what is used instead. Temporary files of a killed write are removed.
 
     Raises:
-        ValueError: no checkpoint is intact; the message names each file and what is wrong with it.
+        DSNetError: no checkpoint is intact; the message names each file and what is wrong with it.
     """
     remove_stale_temporaries(folder)
     candidates = (tag, f"{tag}{PREVIOUS}")
@@ -373,7 +373,7 @@ def load_resume_point(folder: Path, tag: str = "last", log: Callable[[str], None
         if reasons and log is not None:
             log(f"newest checkpoint not usable: {reasons[0]}; resuming from the previous one, {path}")
         return ResumePoint(state, weights, metadata, path, reasons)
-    raise ValueError(f"cannot resume: no intact checkpoint in {folder}: " + "; ".join(reasons))
+    raise DSNetError(f"cannot resume: no intact checkpoint in {folder}: " + "; ".join(reasons))
 
 
 def load_training_state(folder: Path, tag: str = "last") -> tuple[dict[str, Any], Path]:

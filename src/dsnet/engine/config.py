@@ -5,9 +5,9 @@ A recipe is either nested (``optim: {lr: 0.001}``) or, for the zoo's ImageNet re
 
     dsnet train --config configs/fashion_mnist/dsnet_tiny.yaml --set optim.lr=0.002 --set sched.epochs=3
 
-Unknown keys raise :class:`ValueError` naming the key and the valid ones; so do values out of their allowed range
-(:data:`RUN_RANGES`, checked after the recipe and the overrides are applied) and YAML syntax errors (with the file,
-line and column).
+Unknown keys raise :class:`~dsnet.errors.DSNetError` naming the key and the valid ones; so do values out of their
+allowed range (:data:`RUN_RANGES`, checked after the recipe and the overrides are applied) and YAML syntax errors
+(with the file, line and column).
 
 Example:
     >>> cfg = load_config(None, ["model.name=resnet18", "optim.lr=0.01"])
@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from dsnet.errors import DSNetError
+from dsnet.models import list_zoo
+from dsnet.models.dsnet import MIN_INPUT_SIZE
 
 __all__ = [
     "FLAT_KEYS",
@@ -129,7 +133,7 @@ class TrainConfig:
     seed: int = 0  # seed of initialisation, data order, augmentation and stochastic depth
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
     amp: str = "auto"  # "auto" (bf16 on cuda with bf16, else off), "native" (also bf16 on CPUs with AVX512-BF16/AMX),
-    # "none", "bf16", "fp16" (cuda); see dsnet.engine.trainer.resolve_amp
+    # "none", "bf16", "fp16" (cuda); see dsnet.engine.runtime.resolve_amp
     channels_last: bool = False  # NHWC memory format
     compile: bool = False  # torch.compile the model
     threads: int | None = None  # torch CPU threads per rank; None: the cores not busy now, see auto_threads
@@ -264,21 +268,18 @@ RUN_RANGES: dict[str, Bound] = {
 
 
 def check_ranges(cfg: Any, ranges: typing.Mapping[str, Bound], where: str = "config") -> None:
-    """Raise ValueError for the first ``section.key`` of ``cfg`` whose value (or an item of it) is out of range."""
+    """Raise DSNetError for the first ``section.key`` of ``cfg`` whose value (or an item of it) is out of range."""
     for dotted, bound in ranges.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
         for item in value if isinstance(value, (tuple, list)) else (value,):
             if item is not None and item not in bound:
-                raise ValueError(f"{where}: {dotted}={value!r} is out of range; expected {bound}")
+                raise DSNetError(f"{where}: {dotted}={value!r} is out of range; expected {bound}")
 
 
 def model_min_input(name: str) -> int:
     """Smallest square input side the model ``name`` takes: the zoo's pyramids need 32 px (four downsamplings
     4, 2, 2, 2 must leave one pixel), other timm models their pretrained config's ``min_input_size`` (else 1)."""
-    from dsnet.models import list_zoo
-    from dsnet.models.dsnet import MIN_INPUT_SIZE
-
     if name in list_zoo():
         return MIN_INPUT_SIZE
     import timm
@@ -296,24 +297,24 @@ def _check_run(cfg: RunConfig, where: str) -> None:
     check_ranges(cfg, RUN_RANGES, where)
     t, d = cfg.train, cfg.data
     if t.batch_size % t.accum_steps:
-        raise ValueError(
+        raise DSNetError(
             f"{where}: train.accum_steps={t.accum_steps} must divide train.batch_size={t.batch_size} "
             "(the global batch is split into equal micro-batches)"
         )
     for key in ("scale", "ratio"):
         low, high = getattr(d, key)
         if low > high:
-            raise ValueError(f"{where}: data.{key}={[low, high]} must be [low, high] with low <= high")
+            raise DSNetError(f"{where}: data.{key}={[low, high]} must be [low, high] with low <= high")
     if cfg.model.in_chans not in (1, 3):
-        raise ValueError(
+        raise DSNetError(
             f"{where}: model.in_chans={cfg.model.in_chans}: images are read as grey (1 channel) or RGB (3), "
             "so the model must take 1 or 3 channels"
         )
     if d.mean is not None and d.std is not None and len(d.mean) != len(d.std):
-        raise ValueError(f"{where}: data.mean has {len(d.mean)} values but data.std has {len(d.std)}")
+        raise DSNetError(f"{where}: data.mean has {len(d.mean)} values but data.std has {len(d.std)}")
     min_input = model_min_input(cfg.model.name)
     if d.input_size < min_input:
-        raise ValueError(
+        raise DSNetError(
             f"{where}: data.input_size={d.input_size} is too small for {cfg.model.name}; "
             f"it takes inputs of at least {min_input}x{min_input} px"
         )
@@ -336,15 +337,15 @@ def valid_keys(cfg: Any) -> list[str]:
     return [f"{s}.{k}" for s in _section_fields(cfg) for k in _section_fields(getattr(cfg, s))]
 
 
-def _unknown(key: str, where: str, cfg: Any, aliases: typing.Iterable[str] = ()) -> ValueError:
+def _unknown(key: str, where: str, cfg: Any, aliases: typing.Iterable[str] = ()) -> DSNetError:
     valid = valid_keys(cfg)
     close = difflib.get_close_matches(key, valid + sorted(aliases), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    return ValueError(f"unknown config key {key!r} in {where}.{hint} Valid keys: {', '.join(valid)}")
+    return DSNetError(f"unknown config key {key!r} in {where}.{hint} Valid keys: {', '.join(valid)}")
 
 
 def coerce_value(value: Any, annotation: Any, key: str) -> Any:
-    """Check / convert a YAML value to the field's annotated type; raise ValueError naming the key.
+    """Check / convert a YAML value to the field's annotated type; raise DSNetError naming the key.
 
     Shared by every typed config of the project (classification runs, detection runs).
     """
@@ -361,34 +362,34 @@ def coerce_value(value: Any, annotation: Any, key: str) -> Any:
                 return coerce_value(value, arg, key)
             except ValueError as err:
                 errors.append(str(err))
-        raise ValueError(errors[0] if errors else f"config key {key!r}: bad value {value!r}")
+        raise DSNetError(errors[0] if errors else f"config key {key!r}: bad value {value!r}")
     if isinstance(value, str) and value.lower() in ("none", "null") and annotation is not str:
-        raise ValueError(f"config key {key!r} cannot be None")
+        raise DSNetError(f"config key {key!r} cannot be None")
     if annotation is Any:
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config key {key!r} expects a list, got {value!r}")
+            raise DSNetError(f"config key {key!r} expects a list, got {value!r}")
         item = args[0] if args else Any
         if (len(args) == 2 and args[1] is Ellipsis) or len(args) == 1:
             return tuple(coerce_value(v, item, key) for v in value)
         if len(value) != len(args):
-            raise ValueError(f"config key {key!r} expects {len(args)} values, got {value!r}")
+            raise DSNetError(f"config key {key!r} expects {len(args)} values, got {value!r}")
         return tuple(coerce_value(v, a, key) for v, a in zip(value, args))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"config key {key!r} expects a mapping, got {value!r}")
+            raise DSNetError(f"config key {key!r} expects a mapping, got {value!r}")
         return dict(value)
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"config key {key!r} expects true/false, got {value!r}")
+        raise DSNetError(f"config key {key!r} expects true/false, got {value!r}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ValueError(f"config key {key!r} expects an integer, got {value!r}")
+        raise DSNetError(f"config key {key!r} expects an integer, got {value!r}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -397,11 +398,11 @@ def coerce_value(value: Any, annotation: Any, key: str) -> Any:
                 return float(value)  # YAML reads "1e-3" as a string
             except ValueError:
                 pass
-        raise ValueError(f"config key {key!r} expects a number, got {value!r}")
+        raise DSNetError(f"config key {key!r} expects a number, got {value!r}")
     if annotation is str:
         if isinstance(value, str):
             return value
-        raise ValueError(f"config key {key!r} expects a string, got {value!r}")
+        raise DSNetError(f"config key {key!r} expects a string, got {value!r}")
     return value
 
 
@@ -435,6 +436,7 @@ def load_typed_config(
     *,
     rename: typing.Callable[[str, Any], tuple[str, Any]] | None = None,
     aliases: typing.Iterable[str] = (),
+    legacy_sections: typing.Iterable[str] = (),
     check: typing.Callable[[ConfigT, str], None] | None = None,
 ) -> ConfigT:
     """A sectioned config dataclass from its defaults, then the YAML recipe at ``path``, then ``key=value`` overrides.
@@ -442,16 +444,17 @@ def load_typed_config(
     ``config_class`` holds one dataclass per section (``RunConfig``, ``DetectionConfig``...). A recipe is a mapping
     of sections (or, with ``rename``, of flat keys that ``rename`` maps to ``section.key``); it may hold
     ``base: other.yaml`` (relative to itself) to start from another recipe. Overrides are ``section.key=value``
-    with YAML values. ``aliases`` are extra accepted names offered in "did you mean" hints. ``check(cfg, where)``
-    validates the result (ranges, rules between fields) and raises ValueError.
+    with YAML values. ``aliases`` are extra accepted names offered in "did you mean" hints. ``legacy_sections`` are
+    sections of earlier versions that a recipe may still hold: their keys are read as ``section.key`` and left to
+    ``rename``. ``check(cfg, where)`` validates the result (ranges, rules between fields) and raises DSNetError.
 
     Raises:
         FileNotFoundError: the recipe does not exist.
-        ValueError: an unknown key (the message lists the valid ones), a badly typed value, a value out of range,
+        DSNetError: an unknown key (the message lists the valid ones), a badly typed value, a value out of range,
             a YAML syntax error (file, line, column) or a malformed override.
     """
     cfg = config_class()
-    sections = set(_section_fields(cfg))
+    sections = set(_section_fields(cfg)) | set(legacy_sections)
 
     def assign(key: str, value: Any, where: str) -> None:
         if rename is not None:
@@ -463,7 +466,7 @@ def load_typed_config(
             assign(key, value, str(path))
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.002)")
+            raise DSNetError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.002)")
         key, raw = item.split("=", 1)
         assign(key.strip(), read_yaml(raw, f"--set {key.strip()}") if raw.strip() else None, "--set")
     if check is not None:
@@ -473,7 +476,7 @@ def load_typed_config(
 
 
 def read_yaml(text: str, where: str) -> Any:
-    """``yaml.safe_load(text)``; a syntax error becomes a one-line ValueError: ``where:line:column: problem``, plus
+    """``yaml.safe_load(text)``; a syntax error becomes a one-line DSNetError: ``where:line:column: problem``, plus
     where the construct that failed began (the unclosed ``[``, say)."""
     try:
         return yaml.safe_load(text)
@@ -484,9 +487,9 @@ def read_yaml(text: str, where: str) -> Any:
         if err.context and err.context_mark is not None and err.problem:
             cm = err.context_mark
             message += f" ({err.context} started at line {cm.line + 1}, column {cm.column + 1})"
-        raise ValueError(message) from None
+        raise DSNetError(message) from None
     except yaml.YAMLError as err:
-        raise ValueError(f"{where}: YAML error: {err}") from None
+        raise DSNetError(f"{where}: YAML error: {err}") from None
 
 
 def _flat_recipe_key(key: str, value: Any) -> tuple[str, Any]:
@@ -519,14 +522,14 @@ def _read_recipe(path: Path, sections: set[str], seen: tuple[Path, ...] = ()) ->
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     if path.resolve() in seen:
-        raise ValueError(f"config {path}: circular 'base' chain")
+        raise DSNetError(f"config {path}: circular 'base' chain")
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"config {path}: cannot read it ({err})") from None
+        raise DSNetError(f"config {path}: cannot read it ({err})") from None
     tree = read_yaml(text, str(path)) or {}
     if not isinstance(tree, dict):
-        raise ValueError(f"config {path}: expected a mapping at the top level, got {type(tree).__name__}")
+        raise DSNetError(f"config {path}: expected a mapping at the top level, got {type(tree).__name__}")
     items: list[tuple[str, Any]] = []
     base = tree.pop("base", None)
     if base is not None:

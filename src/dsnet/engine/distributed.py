@@ -12,6 +12,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from dsnet.errors import DSNetError
+
 T = TypeVar("T")
 
 __all__ = [
@@ -45,25 +47,28 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``"auto"`` → ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; explicit names are checked."""
+def resolve_device(name: str, local_rank: int = 0, *, key: str = "train.device") -> torch.device:
+    """``"auto"`` → ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; explicit names are checked (an error
+    names the setting ``key`` the name came from)."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"train.device={name!r} but CUDA is not available on this machine")
+            raise DSNetError(f"{key}={name!r} but CUDA is not available on this machine")
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
     return device
 
 
-def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
-    """Join the process group torchrun describes in the environment (``WORLD_SIZE`` > 1), else stay alone."""
+def init_distributed(device_name: str = "auto", *, key: str = "train.device") -> tuple[DistInfo, torch.device]:
+    """Join the process group torchrun describes in the environment (``WORLD_SIZE`` > 1), else stay alone.
+
+    ``device_name`` goes through :func:`resolve_device`; ``key`` is the config key it came from, for its errors."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
+    device = resolve_device(device_name, local_rank, key=key)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":

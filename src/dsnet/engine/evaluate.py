@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -13,6 +12,8 @@ from timm.utils import accuracy
 from torch import nn
 
 from dsnet.engine.distributed import all_reduce_sum
+from dsnet.engine.runtime import autocast_context
+from dsnet.errors import DSNetError
 
 __all__ = ["EvalResult", "evaluate"]
 
@@ -47,13 +48,6 @@ class EvalResult:
             "confusion": self.confusion.tolist(),
             "bad_files": len(self.bad_files),
         }
-
-
-def autocast_context(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``amp_dtype`` on ``device``, or a null context when AMP is off."""
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
 @torch.no_grad()
@@ -91,7 +85,7 @@ def evaluate(
             logits = model(images)
         logits = logits.float()
         if logits.shape[-1] != num_classes:
-            raise ValueError(f"the model predicts {logits.shape[-1]} classes but the dataset has {num_classes}")
+            raise DSNetError(f"the model predicts {logits.shape[-1]} classes but the dataset has {num_classes}")
         acc1, acck = accuracy(logits, targets, topk=(1, maxk))
         n = targets.numel()
         sums += torch.tensor(

@@ -21,6 +21,7 @@ from torch import nn
 
 from dsnet.data.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
 from dsnet.engine import checkpoint as ckpt
+from dsnet.errors import DSNetError
 
 __all__ = ["CheckpointInfo", "Prediction", "collect_images", "load_checkpoint", "predict_files"]
 
@@ -76,7 +77,7 @@ def _classifier_size(name: str, state: dict[str, torch.Tensor], in_chans: int) -
     weight = getattr(head, "weight", None)
     key = next((k for k, p in probe.named_parameters() if weight is not None and p is weight), None)
     if key is None or key not in state:
-        raise ValueError(f"cannot tell the number of classes of these {name} weights; pass the class names (--classes)")
+        raise DSNetError(f"cannot tell the number of classes of these {name} weights; pass the class names (--classes)")
     return int(state[key].shape[0])
 
 
@@ -94,21 +95,19 @@ def load_checkpoint(
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
-        ValueError: unknown model, no model name for foreign weights, or weights that do not fit the model — in
+        DSNetError: unknown model, no model name for foreign weights, or weights that do not fit the model — in
             particular a classifier for another number of classes (the message gives both numbers).
     """
     import timm
-
-    import dsnet  # noqa: F401  (registers the zoo)
 
     weights_path = ckpt.resolve_checkpoint(path, tag=tag, ema=ema)
     state, meta = ckpt.load_weights(weights_path)
     run_dir = Path(path) if Path(path).is_dir() else None
     name = model_name or meta.get("model")
     if not name:
-        raise ValueError(f"{weights_path} does not say which model it holds; pass the model name (--model NAME)")
+        raise DSNetError(f"{weights_path} does not say which model it holds; pass the model name (--model NAME)")
     if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r} (from {'--model' if model_name else weights_path})")
+        raise DSNetError(f"unknown model {name!r} (from {'--model' if model_name else weights_path})")
     meta_classes = tuple(meta.get("classes") or ())
     n = num_classes or (len(classes) if classes else None) or meta.get("num_classes") or len(meta_classes) or None
     if n is None:  # foreign weights: the classifier's output size, found through timm's get_classifier()
@@ -129,19 +128,19 @@ def load_checkpoint(
         has_preprocessing="input_size" in meta and "mean" in meta,
     )
     if len(info.classes) != info.num_classes:
-        raise ValueError(f"{len(info.classes)} class names given for a {info.num_classes}-class model")
+        raise DSNetError(f"{len(info.classes)} class names given for a {info.num_classes}-class model")
     model = timm.create_model(name, num_classes=info.num_classes, in_chans=info.in_chans, **info.model_kwargs)
     mismatch = _head_classes(state, model)
     if mismatch is not None:
         key, have, want = mismatch
-        raise ValueError(
+        raise DSNetError(
             f"{weights_path}: {key} has shape {tuple(state[key].shape)}, the {name} model expects "
             f"{tuple(model.state_dict()[key].shape)}"
             + (f" — the checkpoint has {have} classes but {want} are expected" if have != want else "")
         )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(
+        raise DSNetError(
             f"{weights_path} does not fit {name}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
         )
     return model.to(device).eval(), info

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
@@ -13,33 +12,9 @@ from typing import Any
 
 import torch
 
-from dsnet._io import atomic_write_text
+from dsnet._io import atomic_write_text, strict_json
 
-__all__ = ["MetricsLog", "Progress", "format_metric", "plot_confusion", "plot_curves", "strict_json"]
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` with NaN/±inf floats as None, dataclasses as dicts, tuples as lists, other objects as str."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(dataclasses.asdict(value))
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        return _jsonable(value.item())
-    return str(value)
-
-
-def strict_json(value: Any, indent: int | None = None) -> str:
-    """Strict JSON text (RFC 8259) for every file and output of the project: an undefined number (NaN, ±inf,
-    e.g. COCO's AP of an empty size bucket) becomes ``null``, which jq, JavaScript and other non-Python readers
-    accept, where Python's default would write ``NaN``."""
-    return json.dumps(_jsonable(value), indent=indent, allow_nan=False)
+__all__ = ["MetricsLog", "Progress", "format_metric", "plot_confusion", "plot_curves"]
 
 
 def format_metric(value: float | None, spec: str = ".3f") -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import sys
 import time
 import warnings
@@ -28,33 +27,27 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dsnet._io import atomic_write_text, check_writable_folder
+from dsnet._io import atomic_write_json, atomic_write_text, check_writable_folder
 from dsnet.data.build import PIPELINES, build_dataset, build_tensor_batches, build_transform, normalization
 from dsnet.data.datasets import ShardedEpochSampler, TransformedDataset, collate_with_bad_files
 from dsnet.engine import checkpoint as ckpt
 from dsnet.engine.config import RunConfig, load_config
 from dsnet.engine.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
-from dsnet.engine.evaluate import EvalResult, autocast_context, evaluate
-from dsnet.engine.report import MetricsLog, Progress, plot_confusion, plot_curves, strict_json
+from dsnet.engine.evaluate import EvalResult, evaluate
+from dsnet.engine.report import MetricsLog, Progress, plot_confusion, plot_curves
+from dsnet.engine.runtime import autocast_context, check_finite_loss, resolve_amp, seed_update, set_threads
+from dsnet.errors import DSNetError
 
 __all__ = [
-    "NonFiniteLossError",
-    "auto_threads",
     "build_model",
-    "busy_cores",
     "check_model_name",
-    "cpu_has_native_bf16",
     "make_run_dir",
-    "resolve_amp",
-    "set_threads",
     "train",
-    "update_seed",
 ]
 
 #: Test hook: ``"<update>:<seconds>"`` sleeps after the mid-epoch checkpoint of that optimizer update, so that a
@@ -62,117 +55,13 @@ __all__ = [
 _PAUSE_ENV = "DSNET_TEST_PAUSE_AFTER_CHECKPOINT"
 
 
-class NonFiniteLossError(ValueError):
-    """The training loss became NaN or infinite."""
-
-
-def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU computes bf16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag of Linux's ``cpuinfo``).
-
-    Without those instructions oneDNN emulates bf16 and is slower than fp32. ``False`` where ``cpuinfo`` cannot be
-    read (other operating systems)."""
-    try:
-        with open(cpuinfo) as handle:
-            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_amp(amp: str, device: torch.device, *, cpuinfo: str = "/proc/cpuinfo") -> torch.dtype | None:
-    """The autocast dtype for ``train.amp`` on ``device`` (``None``: full fp32).
-
-    * ``auto``: bf16 on CUDA devices that support it, fp32 on CPU;
-    * ``native``: bf16 wherever the hardware has bf16 arithmetic: CUDA devices that support it, and CPUs with
-      AVX512-BF16 or AMX (:func:`cpu_has_native_bf16`); fp32 elsewhere. Training on a CPU without those instructions
-      would emulate bf16 and run slower than fp32, hence the check; ``benchmarks/train_throughput.py --amp`` measures
-      the gain on a given machine;
-    * ``bf16`` (any device), ``fp16`` (CUDA only, with a gradient scaler), ``none``.
-
-    bf16 on CPU is not the default because of a oneDNN defect in torch 2.14.1: the bf16 weight gradient of a
-    stride-2 3×3 convolution applied to a 1×1 map comes out non-finite (RetinaNet's P7 on images of 64 px or less).
-    """
-    if amp == "none":
-        return None
-    if amp in ("auto", "native"):
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return torch.bfloat16 if amp == "native" and device.type == "cpu" and cpu_has_native_bf16(cpuinfo) else None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 or none on CPU")
-        return torch.float16
-    raise ValueError(f"unknown train.amp {amp!r}; expected auto, native, none, bf16 or fp16")
-
-
-def cpu_times(stat_path: str = "/proc/stat") -> tuple[int, int]:
-    """(total, idle) CPU time of all cores so far, in clock ticks, from the first line of ``/proc/stat``."""
-    with open(stat_path) as handle:
-        values = [int(v) for v in handle.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-    if len(values) < 5:
-        raise ValueError(f"{stat_path}: not a cpu line")
-    return sum(values), values[3] + values[4]
-
-
-def busy_cores(
-    window: float = 0.3,
-    *,
-    read_times: Callable[[], tuple[int, int]] = cpu_times,
-    sleep: Callable[[float], None] = time.sleep,
-    cores: int | None = None,
-) -> float:
-    """Cores in use right now: two ``read_times()`` readings (total, idle) ``window`` seconds apart (by default
-    ``/proc/stat``), or the 1-minute load average where they cannot be read. The load average lags by a minute:
-    right after a finished job it still reports the cores busy, and a new run would start on too few threads.
-
-    ``read_times``, ``sleep`` and ``cores`` (default ``os.cpu_count()``) are injectable so the arithmetic can be
-    tested on given readings rather than on the load of the machine running the test.
-    """
-    try:
-        total0, idle0 = read_times()
-        sleep(window)
-        total1, idle1 = read_times()
-    except (OSError, ValueError, IndexError):
-        try:
-            return os.getloadavg()[0]
-        except OSError:  # not available on this platform
-            return 0.0
-    if total1 <= total0:
-        return 0.0
-    busy_share = 1.0 - (idle1 - idle0) / (total1 - total0)
-    return (cores or os.cpu_count() or 1) * min(1.0, max(0.0, busy_share))
-
-
-def auto_threads(local_processes: int = 1) -> int:
-    """CPU threads per process: the cores not busy right now (:func:`busy_cores`), shared by the local ranks.
-
-    On a machine shared with other jobs, more torch threads than free cores makes every step wait for preempted
-    threads: dsnet_tiny at 32 px trained at 35 img/s with 2 threads and 157 img/s with 1 thread on 2 cores
-    under a load of 6. On an idle machine this returns torch's default (one thread per physical core).
-    """
-    cores = torch.get_num_threads()
-    free = max(1, min(cores, round((os.cpu_count() or cores) - busy_cores())))
-    return max(1, free // max(local_processes, 1))
-
-
-def set_threads(requested: int | None, device: torch.device) -> None:
-    """torch CPU threads of a training process: ``requested``, or on CPU :func:`auto_threads` shared by the ranks
-    torchrun started on this machine (``LOCAL_WORLD_SIZE``); GPU runs keep torch's default unless asked."""
-    if requested or device.type == "cpu":
-        torch.set_num_threads(requested or auto_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-
-
 def check_model_name(name: str) -> None:
-    """Raise ValueError (with similar names) when timm does not know ``name``."""
+    """Raise DSNetError (with similar names) when timm does not know ``name``."""
     import timm
-
-    import dsnet  # noqa: F401  (registers the zoo)
 
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise ValueError(f"unknown model {name!r}" + (f"; similar names: {', '.join(close)}" if close else ""))
+        raise DSNetError(f"unknown model {name!r}" + (f"; similar names: {', '.join(close)}" if close else ""))
 
 
 def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
@@ -182,8 +71,6 @@ def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
     fresh initialisation and reported; any other mismatch is an error.
     """
     import timm
-
-    import dsnet  # noqa: F401  (registers the zoo)
 
     m = cfg.model
     check_model_name(m.name)
@@ -202,21 +89,15 @@ def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
         head = {k for k in skipped if own[k].shape[:1] == (num_classes,) or k.endswith(".bias")}
         if set(skipped) - head:
             bad = sorted(set(skipped) - head)[0]
-            raise ValueError(
+            raise DSNetError(
                 f"{m.init_weights}: shape of {bad} is {tuple(state[bad].shape)}, the model has {tuple(own[bad].shape)}"
             )
         missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
         if unexpected or set(missing) - head:
-            raise ValueError(f"{m.init_weights}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+            raise DSNetError(f"{m.init_weights}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
         if head:
             print(f"init_weights: classifier {sorted(head)} re-initialised for {num_classes} classes", file=sys.stderr)
     return model
-
-
-def update_seed(seed: int, update: int, rank: int) -> int:
-    """Seed of the generators used inside optimizer update ``update`` on ``rank`` (stochastic depth, mixup, samplers
-    inside detectors): a function of the run's seed only, so a resumed run draws what the uninterrupted one drew."""
-    return (seed * 1_000_003 + update * 7_919 + rank * 104_729 + 17) % (2**31 - 1)
 
 
 def _make_loader(dataset: TransformedDataset, sampler: ShardedEpochSampler, batch: int, workers: int, device) -> Any:
@@ -245,7 +126,7 @@ class _BadFiles:
                 self.seen.append(message)
                 warnings.warn(f"skipped unreadable image: {message}", stacklevel=2)
         if self.limit is not None and len(self.seen) > self.limit:
-            raise ValueError(
+            raise DSNetError(
                 f"{len(self.seen)} unreadable images (train.max_bad_files={self.limit}); last: {self.seen[-1]}"
             )
 
@@ -287,25 +168,25 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
     amp_dtype = resolve_amp(t.amp, device)
     world = dist_info.world_size
     if t.batch_size % (world * t.accum_steps):
-        raise ValueError(
+        raise DSNetError(
             f"train.batch_size={t.batch_size} must be divisible by processes × accum_steps = {world} × {t.accum_steps}"
         )
     micro = t.batch_size // (world * t.accum_steps)
     mixing = d.mixup > 0 or d.cutmix > 0
     if mixing and micro % 2:
-        raise ValueError(f"mixup/cutmix need an even per-process micro-batch, got {micro}; change train.batch_size")
+        raise DSNetError(f"mixup/cutmix need an even per-process micro-batch, got {micro}; change train.batch_size")
 
     check_model_name(cfg.model.name)  # fail before reading the data
     if resume_dir is None and main:
         check_writable_folder(t.output_dir, f"train.output_dir={t.output_dir}")
     if d.pipeline not in PIPELINES:
-        raise ValueError(f"unknown data.pipeline {d.pipeline!r}; expected one of {', '.join(PIPELINES)}")
+        raise DSNetError(f"unknown data.pipeline {d.pipeline!r}; expected one of {', '.join(PIPELINES)}")
     # data
     train_set = build_dataset(d, "train", cfg.model.in_chans)
     val_set = build_dataset(d, "val", cfg.model.in_chans, classes=train_set.classes)
     num_classes = cfg.model.num_classes or len(train_set.classes)
     if num_classes != len(train_set.classes):
-        raise ValueError(f"model.num_classes={num_classes} but the training set has {len(train_set.classes)} classes")
+        raise DSNetError(f"model.num_classes={num_classes} but the training set has {len(train_set.classes)} classes")
     train_data = TransformedDataset(train_set, build_transform(d, cfg.model.in_chans, True), t.seed)
     val_data = TransformedDataset(val_set, build_transform(d, cfg.model.in_chans, False), t.seed, replace_bad=False)
     sampler = ShardedEpochSampler(len(train_data), t.batch_size, rank=dist_info.rank, world_size=world, seed=t.seed)
@@ -393,7 +274,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
     if point is not None:
         saved = tuple(point.metadata.get("classes") or ())
         if saved and saved != tuple(train_set.classes):
-            raise ValueError(
+            raise DSNetError(
                 f"cannot resume {run_dir}: it was trained on {len(saved)} classes {list(saved)[:5]} but the "
                 f"{d.dataset} training set in {d.root} now has {len(train_set.classes)} "
                 f"{list(train_set.classes)[:5]}; restore the class folders or start a new run"
@@ -506,10 +387,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
         for images, targets, bad in loader:
             bad_files.add(bad)
             if micro_index == 0:
-                seed = update_seed(t.seed, update, dist_info.rank)
-                torch.manual_seed(seed)
-                np.random.seed(seed)
-                random.seed(seed)
+                seed_update(t.seed, update, dist_info.rank)
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             if t.channels_last:
@@ -522,15 +400,14 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
                 with autocast_context(device, amp_dtype):
                     output = train_model(images)
                     loss = criterion(output.float(), targets)
-                finite = torch.isfinite(loss.detach()).to(torch.float64)
-                if dist_info.distributed:
-                    finite = all_reduce_sum(finite.clone()) / world
-                if float(finite) < 1:
-                    raise NonFiniteLossError(
-                        f"training loss is {loss.item():.4g} at epoch {epoch + 1}, update {update} "
-                        f"(lr {optimizer.param_groups[0]['lr']:.3g}); lower optim.lr, set optim.clip_grad, "
-                        "or use train.amp=none"
-                    )
+                check_finite_loss(
+                    loss,
+                    epoch=epoch,
+                    update=update,
+                    lr=optimizer.param_groups[0]["lr"],
+                    advice="lower optim.lr, set optim.clip_grad, or use train.amp=none",
+                    world_size=world,
+                )
                 scaler.scale(loss / t.accum_steps).backward()
             loss_sum += torch.tensor([loss.item() * len(images), len(images)], dtype=torch.float64)
             micro_index += 1
@@ -628,15 +505,10 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
             "bad_file_messages": bad_files.seen[:100],
             "run_dir": str(run_dir),
         }
-        atomic_json(run_dir / "summary.json", summary)
+        atomic_write_json(run_dir / "summary.json", summary)
         log(
             f"done: top-1 {last_result.top1:.2f}% (best {best:.2f}%), "
             f"{int(total_bad.item())} unreadable image(s) skipped"
         )
     barrier()
     return run_dir
-
-
-def atomic_json(path: Path, value: Any) -> None:
-    """Write ``value`` as strict JSON to ``path`` atomically (:func:`dsnet._io.atomic_write_text`)."""
-    atomic_write_text(path, strict_json(value, indent=2))

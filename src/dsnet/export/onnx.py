@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from dsnet._io import atomic_write
+from dsnet.errors import DSNetError
 
 
 @dataclass
@@ -104,7 +105,7 @@ def export_onnx(
             ≥ 128 px (see the module doc; a model's ``onnx_trace_size`` raises the example size).
         opset: ONNX opset version.
         check: run onnxruntime at two batch sizes (and a second image size when ``dynamic_size``) and compare.
-        atol: largest accepted absolute difference; above it a :class:`ValueError` reports the figures.
+        atol: largest accepted absolute difference; above it a :class:`~dsnet.errors.DSNetError` reports the figures.
         verbose: show the exporter's progress output.
 
     Returns:
@@ -112,9 +113,9 @@ def export_onnx(
     """
     path = Path(path)
     if image_size[0] < 32 or image_size[1] < 32:
-        raise ValueError(f"image_size must be at least 32×32 for export, got {image_size}")
+        raise DSNetError(f"image_size must be at least 32×32 for export, got {image_size}")
     if dynamic_size and not getattr(model, "onnx_dynamic_size", True):
-        raise ValueError(
+        raise DSNetError(
             f"{type(model).__name__} does not export with a symbolic image size; "
             "export at a fixed image_size (dynamic_size=False, or drop --dynamic-size)"
         )
@@ -124,7 +125,7 @@ def export_onnx(
     trace_size = image_size
     if dynamic_size:
         if min(image_size) < min_size:
-            raise ValueError(
+            raise DSNetError(
                 f"{type(model).__name__} exports a symbolic image size from {min_size} px, got {image_size}"
             )
         trace_size = tuple(max(side, int(getattr(model, "onnx_trace_size", 0))) for side in image_size)
@@ -161,7 +162,7 @@ def export_onnx(
             shapes.append((1 if not dynamic_batch else 2, chans, image_size[0] + 17, image_size[1] + 9))
         report.checks = check_onnx(model, path, shapes)
         if report.max_abs_diff > atol:
-            raise ValueError(
+            raise DSNetError(
                 f"ONNX export of {type(model).__name__} to {path} differs from PyTorch: "
                 + ", ".join(f"{c.shape}: {c.max_abs_diff:.2e}" for c in report.checks)
                 + f" (tolerance {atol:g})"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dsnet.errors import DSNetError
+
 __all__ = ["export_openvino"]
 
 
@@ -20,7 +22,7 @@ def export_openvino(onnx_path: str | os.PathLike[str], xml_path: str | os.PathLi
 
     xml_path = Path(xml_path)
     if xml_path.suffix.lower() != ".xml":
-        raise ValueError(f"an OpenVINO IR file name ends in .xml, got {xml_path}")
+        raise DSNetError(f"an OpenVINO IR file name ends in .xml, got {xml_path}")
     xml_path.parent.mkdir(parents=True, exist_ok=True)
     model = ov.convert_model(str(onnx_path))
     ov.save_model(model, str(xml_path), compress_to_fp16=False)

@@ -19,6 +19,7 @@ import numpy as np
 
 from dsnet.data.images import ImageLoadError, load_image
 from dsnet.engine.inference import CheckpointInfo
+from dsnet.errors import DSNetError
 
 __all__ = ["CALIBRATION_METHODS", "quantize_onnx", "quantize_onnx_batches"]
 
@@ -57,10 +58,10 @@ def quantize_onnx(
     """Write the int8 QDQ form of ``onnx_path`` to ``output``, calibrated on up to ``max_images`` of ``files``.
 
     Raises:
-        ValueError: no image given, or an unknown calibration method.
+        DSNetError: no image given, or an unknown calibration method.
     """
     if not files:
-        raise ValueError("int8 calibration needs images: point --calib at a folder of images like the inputs")
+        raise DSNetError("int8 calibration needs images: point --calib at a folder of images like the inputs")
     chosen = list(files)[:max_images]
     return quantize_onnx_batches(
         onnx_path, output, lambda: _calibration_batches(chosen, info, batch_size), method=method
@@ -78,7 +79,7 @@ def quantize_onnx_batches(
     that ``batches()`` yields (already preprocessed as at inference; called once per calibration pass).
 
     Raises:
-        ValueError: an unknown calibration method.
+        DSNetError: an unknown calibration method.
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -92,7 +93,7 @@ def quantize_onnx_batches(
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
     methods["entropy"] = CalibrationMethod.Entropy
     if method not in methods:
-        raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
+        raise DSNetError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:

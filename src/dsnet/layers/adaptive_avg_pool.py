@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dsnet.errors import DSNetError
+
 __all__ = ["AdaptiveAvgPool2d", "adaptive_avg_pool2d"]
 
 
@@ -61,7 +63,7 @@ class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
 
     def __init__(self, output_size: int | tuple[int, int]) -> None:
         if not isinstance(output_size, int) and (len(output_size) != 2 or None in output_size):
-            raise ValueError(f"AdaptiveAvgPool2d needs an int or a pair of ints as output_size, got {output_size}")
+            raise DSNetError(f"AdaptiveAvgPool2d needs an int or a pair of ints as output_size, got {output_size}")
         super().__init__(output_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,10 @@ arguments through :func:`pretrained_kwargs`, which, when ``pretrained=True`` and
    respected) through ``<file>.partial``: an interrupted download resumes with an HTTP ``Range`` request when the
    server honours it and restarts otherwise (torch.hub's ``download_url_to_file`` cannot resume); the size announced
    by the server and the hash, where known, are checked before the file takes its final name;
-3. converts it with :func:`dsnet.convert.zoo.convert_checkpoint` (restricted loaders: no pickled code runs; every key
-   and shape is checked), into ``<file stem>.<model>.safetensors`` next to it;
+3. converts it with the release converter, :func:`dsnet.convert.zoo.convert_checkpoint` (restricted loaders: no
+   pickled code runs; every key and shape is checked), into ``<file stem>.<model>.safetensors`` next to it. The
+   models sit below the converters, so they do not import it: ``import dsnet`` hands it over once
+   (:func:`set_release_converter`);
 4. hands that file to timm's ``build_model_with_cfg`` as ``pretrained_cfg_overlay=dict(file=...)``.
 
 A later call finds the converted file and touches no network. Without network the error names the URL, the file to
@@ -34,9 +36,20 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["BASE_URL_ENV", "WeightsDownloadError", "fetch_release", "pretrained_kwargs", "weights_dir"]
+from dsnet._io import replace_atomically
+from dsnet.errors import DSNetError
+
+__all__ = [
+    "BASE_URL_ENV",
+    "ReleaseConverter",
+    "WeightsDownloadError",
+    "fetch_release",
+    "pretrained_kwargs",
+    "set_release_converter",
+    "weights_dir",
+]
 
 #: Environment variable: a base URL that replaces the folder of every release URL (mirrors, tests).
 BASE_URL_ENV = "DSNET_WEIGHTS_BASE_URL"
@@ -214,11 +227,11 @@ def _download(model: str, url: str, dest: Path, sha256: str | None) -> None:
         found = _sha256(partial)
         if found != sha256:
             partial.unlink()
-            raise ValueError(
+            raise DSNetError(
                 f"{model}: the file downloaded from {url} has sha256 {found}, the release's is {sha256}: deleted it "
                 f"(not cached); call again to download it anew, or {_manual_route(model, url, dest)}"
             )
-    os.replace(partial, dest)
+    replace_atomically(partial, dest)
 
 
 def _converted_is_usable(path: Path, model: str) -> bool:
@@ -232,6 +245,24 @@ def _converted_is_usable(path: Path, model: str) -> bool:
             return (handle.metadata() or {}).get("dsnet_model") == model
     except (SafetensorError, OSError):  # an unreadable header: convert again
         return False
+
+
+class ReleaseConverter(Protocol):
+    """Converts a downloaded release ``source`` into the safetensors file ``output`` for ``model``."""
+
+    def __call__(
+        self, source: Path, output: Path, *, layout: str, model: str, entry: str | None = None
+    ) -> object: ...  # pragma: no cover
+
+
+_release_converter: ReleaseConverter | None = None
+
+
+def set_release_converter(converter: ReleaseConverter) -> None:
+    """Install the converter :func:`fetch_release` uses (``dsnet/__init__.py`` installs
+    :func:`dsnet.convert.zoo.convert_checkpoint`)."""
+    global _release_converter
+    _release_converter = converter
 
 
 def fetch_release(model: str, url: str, *, entry: str | None = None) -> Path:
@@ -248,10 +279,10 @@ def fetch_release(model: str, url: str, *, entry: str | None = None) -> Path:
     Raises:
         WeightsDownloadError: no network, an HTTP error or a transfer cut too often (the message names the URL,
             the file to fetch by hand, where to put it and the ``dsnet convert`` command).
-        ValueError: the file has the wrong hash or is not a checkpoint of ``model`` (it is deleted, not cached).
+        DSNetError: the file has the wrong hash or is not a checkpoint of ``model`` (it is deleted, not cached).
     """
-    from dsnet.convert.zoo import convert_checkpoint
-
+    if _release_converter is None:  # only when dsnet's package root was bypassed
+        raise RuntimeError("no release converter installed: import dsnet (it installs dsnet.convert.zoo's)")
     url, sha256 = _split_url(url)
     folder = weights_dir()
     dest = folder / _file_name(url)
@@ -267,7 +298,7 @@ def fetch_release(model: str, url: str, *, entry: str | None = None) -> Path:
         if not dest.is_file():
             _download(model, url, dest, sha256)
         try:
-            convert_checkpoint(dest, converted, layout=_layout_of(dest.name), model=model, entry=entry)
+            _release_converter(dest, converted, layout=_layout_of(dest.name), model=model, entry=entry)
         except (ValueError, FileNotFoundError) as err:
             if sha256 is None and entry is None:  # nothing vouches for the file: do not keep it as the release
                 dest.unlink(missing_ok=True)
@@ -276,7 +307,7 @@ def fetch_release(model: str, url: str, *, entry: str | None = None) -> Path:
                 kept = f"kept in the cache: the error may be the entry asked for, {entry!r}"
             else:
                 kept = "the file has the release's hash, so it stays cached"
-            raise ValueError(
+            raise DSNetError(
                 f"{model}: {dest} (from {url}) could not be converted ({kept}): {err}. "
                 f"Manual route: {_manual_route(model, url, dest)}"
             ) from None
@@ -284,11 +315,11 @@ def fetch_release(model: str, url: str, *, entry: str | None = None) -> Path:
     return converted
 
 
-def _no_release_error(model: str, cfg: Any, reason: str | None, layout: str) -> ValueError:
+def _no_release_error(model: str, cfg: Any, reason: str | None, layout: str) -> DSNetError:
     origin = getattr(cfg, "origin_url", None)
     why = reason or f"no weights were released for {model}"
     fetch = f"get the file by hand ({origin})" if origin else "take a checkpoint of your own"
-    return ValueError(
+    return DSNetError(
         f"{model}: pretrained=True has nothing to download: {why}. To load weights anyway, {fetch}, convert it with "
         f"`dsnet convert {layout} <file> {model}.safetensors --model {model}` and pass "
         f"pretrained_cfg_overlay=dict(file='{model}.safetensors')"
@@ -315,7 +346,7 @@ def pretrained_kwargs(
             Drive page"); the error adds the manual route.
 
     Raises:
-        ValueError: ``pretrained=True`` and the cfg has no ``url`` (the message names the manual route); or as
+        DSNetError: ``pretrained=True`` and the cfg has no ``url`` (the message names the manual route); or as
             :func:`fetch_release`.
         WeightsDownloadError: as :func:`fetch_release`.
     """

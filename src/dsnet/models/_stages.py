@@ -35,6 +35,8 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import MATCH_PREV_GROUP
 from torch import nn
 
+from dsnet.errors import DSNetError
+
 __all__ = ["StagedBackboneMixin"]
 
 
@@ -139,7 +141,7 @@ class StagedBackboneMixin:
             stage's output after the final norm (without it when ``stop_early`` ended the pass before).
         """
         if output_fmt != "NCHW":
-            raise ValueError(f"{type(self).__name__} features are NCHW; output_fmt={output_fmt!r} is not supported")
+            raise DSNetError(f"{type(self).__name__} features are NCHW; output_fmt={output_fmt!r} is not supported")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_idx = len(self.stages) - 1
         x = self._forward_stem(x)

@@ -93,6 +93,9 @@ from timm.models import (
 )
 from torch import nn
 
+from dsnet.errors import DSNetError
+from dsnet.models._checkpoint import pretrained_file_kwargs, state_dict_of
+from dsnet.models._dsnet_keys import reference_to_dsnet
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
 from dsnet.models._pretrained import pretrained_kwargs
 from dsnet.models._stages import StagedBackboneMixin
@@ -132,10 +135,10 @@ def global_grid_shape(height: int, width: int, stride: int, grid_size: GridSize 
 
 @register_notrace_function
 def check_input_size(x: torch.Tensor) -> torch.Tensor:
-    """Return ``x`` unchanged, or raise ``ValueError`` if its spatial size is below 32×32."""
+    """Return ``x`` unchanged, or raise ``DSNetError`` if its spatial size is below 32×32."""
     height, width = x.shape[-2:]
     if height < MIN_INPUT_SIZE or width < MIN_INPUT_SIZE:
-        raise ValueError(
+        raise DSNetError(
             f"DS-Net needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels, got {height}x{width} "
             f"(input shape {tuple(x.shape)})"
         )
@@ -215,7 +218,7 @@ class InterScaleAlignment(nn.Module):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
         if not (global_to_local or local_to_global):
-            raise ValueError("InterScaleAlignment needs at least one of global_to_local / local_to_global")
+            raise DSNetError("InterScaleAlignment needs at least one of global_to_local / local_to_global")
         self.num_heads = num_heads
         self.global_to_local = global_to_local
         self.local_to_global = local_to_global
@@ -305,17 +308,17 @@ class DSBlock(nn.Module):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
         if not 0.0 <= global_ratio <= 1.0:
-            raise ValueError(f"global_ratio must lie in [0, 1], got {global_ratio}")
+            raise DSNetError(f"global_ratio must lie in [0, 1], got {global_ratio}")
         self.global_dim = round(global_ratio * dim)
         self.local_dim = dim - self.global_dim
         if self.global_dim and self.global_dim % num_heads:
-            raise ValueError(
+            raise DSNetError(
                 f"global width {self.global_dim} (= round(global_ratio {global_ratio} x dim {dim})) is not divisible "
                 f"by num_heads={num_heads}"
             )
         use_alignment = alignment and (global_to_local or local_to_global)
         if use_alignment and not (self.global_dim and self.local_dim):
-            raise ValueError(
+            raise DSNetError(
                 f"Inter-scale alignment needs both streams, but global_ratio={global_ratio} leaves "
                 f"local width {self.local_dim} and global width {self.global_dim}; use alignment=False "
                 "(the *_concat models) for a single-stream block"
@@ -438,12 +441,12 @@ def _grid_sizes(global_grid_sizes: Sequence[int | Sequence[int]] | None, num_sta
     if global_grid_sizes is None:
         return [None] * num_stages
     if len(global_grid_sizes) != num_stages:
-        raise ValueError(f"global_grid_sizes needs {num_stages} entries (one per stage), got {global_grid_sizes}")
+        raise DSNetError(f"global_grid_sizes needs {num_stages} entries (one per stage), got {global_grid_sizes}")
     sizes = []
     for size in global_grid_sizes:
         pair = (size, size) if isinstance(size, int) else tuple(size)
         if len(pair) != 2 or not all(isinstance(s, int) and s >= 1 for s in pair):
-            raise ValueError(f"each global grid size must be a positive int or (h, w) pair, got {size!r}")
+            raise DSNetError(f"each global grid size must be a positive int or (h, w) pair, got {size!r}")
         sizes.append(pair)
     return sizes
 
@@ -523,7 +526,7 @@ class DSNet(StagedBackboneMixin, nn.Module):
         super().__init__()
         num_stages = len(depths)
         if not (len(embed_dims) == len(num_heads) == len(global_strides) == num_stages):
-            raise ValueError(
+            raise DSNetError(
                 f"depths, embed_dims, num_heads and global_strides need one entry per stage, got {len(depths)}, "
                 f"{len(embed_dims)}, {len(num_heads)}, {len(global_strides)}"
             )
@@ -623,22 +626,16 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[s
     """Bring a checkpoint into this module's names.
 
     Our own names pass through unchanged (after unwrapping a training checkpoint by the package's one rule,
-    :func:`dsnet.convert.checkpoint.choose_entry`); a checkpoint in the reference layout (PaddleClas / SteveTsui
-    names such as ``patch_embed1.proj.weight``) goes through :func:`dsnet.convert.dsnet_reference.reference_to_dsnet`.
+    :func:`dsnet.models._checkpoint.choose_entry`); a checkpoint in the reference layout (PaddleClas / SteveTsui
+    names such as ``patch_embed1.proj.weight``) goes through :func:`dsnet.models._dsnet_keys.reference_to_dsnet`.
     """
-    from dsnet.convert.checkpoint import state_dict_of
-
     state_dict = state_dict_of(state_dict)
     if "patch_embed1.proj.weight" in state_dict:
-        from dsnet.convert.dsnet_reference import reference_to_dsnet
-
         return reference_to_dsnet(state_dict)
     return state_dict
 
 
 def _create_dsnet(variant: str, pretrained: bool = False, **kwargs: Any) -> DSNet:
-    from dsnet.convert.checkpoint import pretrained_file_kwargs
-
     kwargs = pretrained_kwargs(variant, pretrained, kwargs, layout="paddle")  # the PaddleClas file → a local file
     kwargs = pretrained_file_kwargs(variant, pretrained, checkpoint_filter_fn, kwargs)  # the entry rule
     return build_model_with_cfg(

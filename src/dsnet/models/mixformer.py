@@ -58,6 +58,8 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models.swin_transformer import get_relative_position_index, window_partition, window_reverse
 from torch import nn
 
+from dsnet.errors import DSNetError
+from dsnet.models._checkpoint import pretrained_file_kwargs, state_dict_of, verify_state_dict
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
 from dsnet.models._pretrained import pretrained_kwargs
 from dsnet.models._stages import StagedBackboneMixin
@@ -131,7 +133,7 @@ class MixingAttention(nn.Module):
         dd = dict(device=device, dtype=dtype)
         attn_dim = dim // 2
         if dim % 2 or attn_dim % num_heads or dim < 16:
-            raise ValueError(
+            raise DSNetError(
                 f"MixingAttention: dim={dim} must be even, at least 16, and dim/2 must divide by num_heads={num_heads}"
             )
         self.num_heads = num_heads
@@ -403,7 +405,7 @@ class MixFormerHead(nn.Module):
         """Replace the classifier (and the pooling when ``pool_type`` is given)."""
         if pool_type is not None:
             if pool_type not in _GLOBAL_POOLS:
-                raise ValueError(f"global_pool={pool_type!r} is not one of {_GLOBAL_POOLS}")
+                raise DSNetError(f"global_pool={pool_type!r} is not one of {_GLOBAL_POOLS}")
             self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type), input_fmt="NHWC")
         in_features = self.num_features * self.global_pool.feat_mult()
         self.fc = nn.Linear(in_features, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
@@ -479,11 +481,11 @@ class MixFormer(StagedBackboneMixin, nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         if len(depths) != len(num_heads):
-            raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have the same length")
+            raise DSNetError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have the same length")
         if global_pool not in _GLOBAL_POOLS:
-            raise ValueError(f"global_pool={global_pool!r} is not one of {_GLOBAL_POOLS}")
+            raise DSNetError(f"global_pool={global_pool!r} is not one of {_GLOBAL_POOLS}")
         if window_size < 1:
-            raise ValueError(f"window_size={window_size} must be at least 1")
+            raise DSNetError(f"window_size={window_size} must be at least 1")
         num_stages = len(depths)
         dims = [embed_dim * 2**i for i in range(num_stages)]
         self.num_classes = num_classes
@@ -602,7 +604,7 @@ def paddle_key_to_ours(key: str) -> str | None:
     """Our state-dict key for a key of the official PaddleClas MixFormer, or None for keys we do not store.
 
     Raises:
-        ValueError: the key is not part of the official model.
+        DSNetError: the key is not part of the official model.
     """
     module, _, param = key.rpartition(".")
     param = _PADDLE_PARAM.get(param, param)
@@ -625,7 +627,7 @@ def paddle_key_to_ours(key: str) -> str | None:
         # the official stage i ends with the downsampling that our stage i + 1 starts with
         stage, part = int(match.group(1)) + 1, {"norm": "norm", "reduction": "conv"}[match.group(2)]
         return f"stages.{stage}.downsample.{part}.{param}"
-    raise ValueError(f"{key!r} is not a parameter of the official PaddleClas MixFormer")
+    raise DSNetError(f"{key!r} is not a parameter of the official PaddleClas MixFormer")
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MixFormer) -> dict[str, torch.Tensor]:
@@ -638,7 +640,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MixFormer) -> dic
     is returned unchanged.
 
     Raises:
-        ValueError: unknown keys, or keys/shapes that do not fit ``model`` (all differences listed).
+        DSNetError: unknown keys, or keys/shapes that do not fit ``model`` (all differences listed).
 
     Example:
         >>> from dsnet.convert.pickle_safe import load_pdparams  # doctest: +SKIP
@@ -647,8 +649,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MixFormer) -> dic
         >>> state_dict = checkpoint_filter_fn(paddle_weights, model)  # doctest: +SKIP
         >>> model.load_state_dict(state_dict)  # doctest: +SKIP
     """
-    from dsnet.convert.checkpoint import state_dict_of, verify_state_dict
-
     state_dict = state_dict_of(state_dict)
     if "stem.proj.weight" in state_dict:
         return dict(state_dict)
@@ -665,7 +665,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MixFormer) -> dic
         new_key = paddle_key_to_ours(key)
         if new_key is None:  # a relative position index: must be the one of our window size
             if tensor.shape != index.shape or not torch.equal(tensor.long(), index):
-                raise ValueError(f"{key}: the relative position index does not belong to a {window}×{window} window")
+                raise DSNetError(f"{key}: the relative position index does not belong to a {window}×{window} window")
             continue
         module = new_key.rpartition(".")[0]
         if module in linears and new_key.endswith(".weight") and tensor.ndim == 2:
@@ -689,8 +689,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MixFormer) -> dic
 
 
 def _create_mixformer(variant: str, pretrained: bool = False, **kwargs: Any) -> MixFormer:
-    from dsnet.convert.checkpoint import pretrained_file_kwargs
-
     kwargs = pretrained_kwargs(variant, pretrained, kwargs, layout="paddle", no_release=_NO_RELEASE)
     kwargs = pretrained_file_kwargs(variant, pretrained, checkpoint_filter_fn, kwargs)  # the entry rule
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))

@@ -67,6 +67,8 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from dsnet.errors import DSNetError
+from dsnet.models._checkpoint import pretrained_file_kwargs, state_dict_of, verify_state_dict
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
 from dsnet.models._pretrained import pretrained_kwargs
 from dsnet.models._stages import StagedBackboneMixin
@@ -201,7 +203,7 @@ class MobileToFormer(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if dim % num_heads:
-            raise ValueError(f"Mobile→Former: width {dim} is not divisible by num_heads={num_heads}")
+            raise DSNetError(f"Mobile→Former: width {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.q = nn.Linear(token_dim, dim, **dd)
         self.gate = nn.Linear(token_dim, dim, **dd)
@@ -232,7 +234,7 @@ class Former(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if token_dim % num_heads:
-            raise ValueError(f"Former: token width {token_dim} is not divisible by num_heads={num_heads}")
+            raise DSNetError(f"Former: token width {token_dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.q = nn.Linear(token_dim, token_dim, **dd)
         self.proj = nn.Linear(token_dim, token_dim, **dd)
@@ -264,7 +266,7 @@ class FormerToMobile(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if dim % num_heads:
-            raise ValueError(f"Former→Mobile: width {dim} is not divisible by num_heads={num_heads}")
+            raise DSNetError(f"Former→Mobile: width {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.k = nn.Linear(token_dim, dim, **dd)
         self.v = nn.Linear(token_dim, dim, **dd)
@@ -426,7 +428,7 @@ class MobileFormerBlock(nn.Module):
         elif args.stride == 1:
             self.mobile = MobileSubBlock(in_chs, out_chs, args.expansion, token_dim, groups, **dd)
         else:
-            raise ValueError(f"Mobile-Former blocks have stride 1 or 2, got {args.stride}")
+            raise DSNetError(f"Mobile-Former blocks have stride 1 or 2, got {args.stride}")
         self.has_skip = args.stride == 1 and in_chs == out_chs
         self.drop_path = DropPath(drop_path) if drop_path > 0 and self.has_skip else nn.Identity()
         self.former_to_mobile = FormerToMobile(out_chs, token_dim, bridge_heads, drop_path=drop_path, **dd)
@@ -526,7 +528,7 @@ class MobileFormerHead(nn.Module):
         """New classifier with ``num_classes`` outputs (0: none). Pooling is always average (``pool_type`` "avg",
         or None to keep it); ``in_features`` switches to ``map_only`` (pooling of a plain map, no classifier)."""
         if pool_type not in (None, "", "avg"):
-            raise ValueError(f"Mobile-Former's head pools by average only; global_pool={pool_type!r}")
+            raise DSNetError(f"Mobile-Former's head pools by average only; global_pool={pool_type!r}")
         if in_features is not None:
             self.map_only = True
             self.fc = nn.Identity()
@@ -603,9 +605,9 @@ class MobileFormer(StagedBackboneMixin, nn.Module):
         dd = {"device": device, "dtype": dtype}
         block_args = [BlockArgs(*b) for b in blocks]
         if len(block_args) < 2 or block_args[0].expansion2 != 0 or any(b.expansion2 == 0 for b in block_args[1:]):
-            raise ValueError("MobileFormer: blocks must be a token-free first block (expansion2=0), then token blocks")
+            raise DSNetError("MobileFormer: blocks must be a token-free first block (expansion2=0), then token blocks")
         if global_pool not in ("avg", ""):
-            raise ValueError(f"MobileFormer pools by average only; global_pool={global_pool!r}")
+            raise DSNetError(f"MobileFormer pools by average only; global_pool={global_pool!r}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -707,7 +709,7 @@ class MobileFormer(StagedBackboneMixin, nn.Module):
         ``norm=True`` turns the last stage's map into the final features (bridge + token 0 appended).
         """
         if output_fmt != "NCHW":
-            raise ValueError(f"MobileFormer features are NCHW; output_fmt={output_fmt!r} is not supported")
+            raise DSNetError(f"MobileFormer features are NCHW; output_fmt={output_fmt!r} is not supported")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_idx = len(self.stages) - 1
         x, tokens = self._forward_stem(x)
@@ -809,7 +811,7 @@ def release_key_to_ours(key: str, block_paths: Sequence[tuple[str, bool]]) -> st
         block_paths: for the release's ``features.{i}`` with i ≥ 1, our block path and whether it downsamples.
 
     Raises:
-        ValueError: a key that is not part of that release's models.
+        DSNetError: a key that is not part of that release's models.
     """
     if key == "tokens.weight":
         return "global_tokens"
@@ -825,23 +827,21 @@ def release_key_to_ours(key: str, block_paths: Sequence[tuple[str, bool]]) -> st
         mobile = _MOBILE_STRIDE2 if downsamples else _MOBILE_STRIDE1
         if rest in mobile:
             return f"{path}.mobile.{mobile[rest]}.{param}"
-    raise ValueError(f"{key!r} is not a parameter of an AAboys/MobileFormer model of this size")
+    raise DSNetError(f"{key!r} is not a parameter of an AAboys/MobileFormer model of this size")
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MobileFormer) -> dict[str, torch.Tensor]:
     """Convert an AAboys/MobileFormer checkpoint (``mobile-former-*.pth.tar``) to ``model``'s names.
 
     Accepts the bare state dict or a training checkpoint, unwrapped by the package's one rule
-    (:func:`dsnet.convert.checkpoint.choose_entry`: ``state_dict`` before ``state_dict_ema``; ``module.``
+    (:func:`dsnet.models._checkpoint.choose_entry`: ``state_dict`` before ``state_dict_ema``; ``module.``
     prefixes are stripped). Only names change (no tensor is reshaped); every key and shape is checked against
     ``model``. Classifier weights of another class count are passed through for timm to drop. A state dict
     already in our names passes through unchanged.
 
     Raises:
-        ValueError: a key the release's models do not have, or keys/shapes that do not fit ``model``.
+        DSNetError: a key the release's models do not have, or keys/shapes that do not fit ``model``.
     """
-    from dsnet.convert.checkpoint import state_dict_of, verify_state_dict
-
     state_dict = state_dict_of(state_dict)
     if "global_tokens" in state_dict:
         return dict(state_dict)
@@ -850,7 +850,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MobileFormer) -> 
         for s, stage in enumerate(model.stages)
         for b, block in enumerate(stage.blocks)
     ]
-    out = {release_key_to_ours(k.removeprefix("module."), block_paths): v for k, v in state_dict.items()}
+    out = {release_key_to_ours(k, block_paths): v for k, v in state_dict.items()}
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if model.num_classes != out.get("head.fc.weight", torch.empty(0, 0)).shape[0]:
         expected |= {k: out[k].shape for k in ("head.fc.weight", "head.fc.bias") if k in out}  # timm drops them
@@ -870,8 +870,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: MobileFormer) -> 
 
 
 def _create_mobile_former(variant: str, pretrained: bool = False, **kwargs: Any) -> MobileFormer:
-    from dsnet.convert.checkpoint import pretrained_file_kwargs
-
     kwargs = pretrained_kwargs(variant, pretrained, kwargs, layout="torch", no_release=_NO_RELEASE)
     kwargs = pretrained_file_kwargs(variant, pretrained, checkpoint_filter_fn, kwargs)  # the entry rule
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))

@@ -51,8 +51,10 @@ from timm.layers import (
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from torch import nn
 
+from dsnet.errors import DSNetError
 from dsnet.layers.adaptive_avg_pool import AdaptiveAvgPool2d
 from dsnet.layers.per_sample_conv import per_sample_depthwise_conv2d
+from dsnet.models._checkpoint import pretrained_file_kwargs, state_dict_of
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
 from dsnet.models._pretrained import pretrained_kwargs
 from dsnet.models._stages import StagedBackboneMixin
@@ -116,7 +118,7 @@ class IDConv(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if num_groups < 2:
-            raise ValueError(f"IDConv needs num_groups >= 2 (a softmax over one group is constant), got {num_groups}")
+            raise DSNetError(f"IDConv needs num_groups >= 2 (a softmax over one group is constant), got {num_groups}")
         self.num_groups = num_groups
         self.kernel_bank = nn.Parameter(torch.empty(num_groups, dim, kernel_size, kernel_size, **dd))
         self.bias_bank = nn.Parameter(torch.empty(num_groups, dim, **dd))
@@ -160,7 +162,7 @@ class OSRA(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if dim % num_heads:
-            raise ValueError(f"OSRA width {dim} is not divisible by num_heads={num_heads}")
+            raise DSNetError(f"OSRA width {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.q = nn.Conv2d(dim, dim, 1, **dd)
         self.kv = nn.Conv2d(dim, dim * 2, 1, **dd)
@@ -231,7 +233,7 @@ class DMixer(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if dim % 2:
-            raise ValueError(f"D-Mixer splits channels in two halves; width {dim} is odd")
+            raise DSNetError(f"D-Mixer splits channels in two halves; width {dim} is odd")
         self.idconv = IDConv(dim // 2, kernel_size=kernel_size, num_groups=num_groups, act_layer=act_layer, **dd)
         self.osra = OSRA(dim // 2, num_heads=num_heads, sr_ratio=sr_ratio, act_layer=act_layer, **dd)
         self.ste = SqueezedTokenEnhancer(dim, act_layer=act_layer, **dd)
@@ -492,7 +494,7 @@ class TransXNet(StagedBackboneMixin, nn.Module):
             ("sr_ratios", sr_ratios),
         ):
             if len(value) != num_stages:
-                raise ValueError(f"TransXNet: {name}={tuple(value)} has {len(value)} entries, depths has {num_stages}")
+                raise DSNetError(f"TransXNet: {name}={tuple(value)} has {len(value)} entries, depths has {num_stages}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -601,7 +603,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: TransXNet) -> dict[s
     """Convert an official TransXNet checkpoint (``transx-{t,s,b}.pth.tar``) to ``model``'s parameter names.
 
     Accepts the bare state dict or a training checkpoint, unwrapped by the package's one rule
-    (:func:`dsnet.convert.checkpoint.choose_entry`: ``'state_dict'`` before ``'state_dict_ema'``; ``'module.'``
+    (:func:`dsnet.models._checkpoint.choose_entry`: ``'state_dict'`` before ``'state_dict_ema'``; ``'module.'``
     prefixes are stripped). Keys are renamed, LayerScale weights (C, 1, 1, 1) → (C, 1, 1) and the 1×1-conv classifier
     (K, C, 1, 1) → (K, C) are reshaped, and every shape is checked against ``model``. Relative position
     bias tables trained at another image size (e.g. the 384 px release) are resized bicubically, as the
@@ -609,16 +611,13 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: TransXNet) -> dict[s
     timm to drop. A state dict already in our names passes through unchanged.
 
     Raises:
-        ValueError: a key that does not belong to the model, or a shape that does not match it.
+        DSNetError: a key that does not belong to the model, or a shape that does not match it.
     """
-    from dsnet.convert.checkpoint import state_dict_of
-
     state_dict = state_dict_of(state_dict)
     targets = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state_dict.items():
-        key = key.removeprefix("module.")
         if key not in targets:
             key = _rename_official_key(key)
         if key.endswith((".layer_scale1.weight", ".layer_scale2.weight")) and value.ndim == 4:
@@ -635,12 +634,12 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: TransXNet) -> dict[s
         if key.endswith(".relative_pos_bias") and value.shape != expected and value.shape[:2] == expected[:2]:
             value = F.interpolate(value.float(), size=tuple(expected[-2:]), mode="bicubic", align_corners=False)
         if value.shape != expected and not key.startswith("head."):
-            raise ValueError(
+            raise DSNetError(
                 f"TransXNet checkpoint: {key} has shape {tuple(value.shape)}, model expects {tuple(expected)}"
             )
         out[key] = value
     if unknown:
-        raise ValueError(f"TransXNet checkpoint: {len(unknown)} keys match nothing in the model, e.g. {unknown[:5]}")
+        raise DSNetError(f"TransXNet checkpoint: {len(unknown)} keys match nothing in the model, e.g. {unknown[:5]}")
     return out
 
 
@@ -650,8 +649,6 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: TransXNet) -> dict[s
 
 
 def _create_transxnet(variant: str, pretrained: bool = False, **kwargs: Any) -> TransXNet:
-    from dsnet.convert.checkpoint import pretrained_file_kwargs
-
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     kwargs = pretrained_kwargs(variant, pretrained, kwargs, layout="torch")  # the GitHub release → a local file
     return build_model_with_cfg(

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from dsnet.errors import DSNetError
+
 __all__ = ["AttentionCapture", "AttentionRecord", "ModuleOutputs", "explicit_attention"]
 
 
@@ -52,7 +54,7 @@ def explicit_attention(
     """SDPA written out: ``(softmax(q kᵀ · scale + mask) v, softmax weights)``, same arguments as
     :func:`torch.nn.functional.scaled_dot_product_attention` (eval only: no dropout, causal or grouped heads)."""
     if dropout_p > 0.0 or is_causal or enable_gqa:
-        raise ValueError("attention capture needs an eval-mode model (no attention dropout, causal mask or GQA)")
+        raise DSNetError("attention capture needs an eval-mode model (no attention dropout, causal mask or GQA)")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     logits = (query @ key.transpose(-2, -1)) * scale  # (B, heads, Nq, Nk)
     if attn_mask is not None:
@@ -106,7 +108,7 @@ class AttentionCapture:
 
     def __enter__(self) -> AttentionCapture:
         if self.model.training:
-            raise ValueError("attention capture needs model.eval() (attention dropout would change the weights)")
+            raise DSNetError("attention capture needs model.eval() (attention dropout would change the weights)")
         for name, module in self.model.named_modules():
 
             def push(mod: nn.Module, args: tuple, name: str = name) -> None:
@@ -151,7 +153,7 @@ class ModuleOutputs:
         modules = dict(self.model.named_modules())
         for name in self.names:
             if name not in modules:
-                raise ValueError(f"{type(self.model).__name__} has no module {name!r}")
+                raise DSNetError(f"{type(self.model).__name__} has no module {name!r}")
 
             def keep(mod: nn.Module, args: tuple, output: torch.Tensor, name: str = name) -> None:
                 self.inputs[name] = args[0].detach()

@@ -17,7 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from dsnet.engine.inference import CheckpointInfo
+from dsnet.data.images import load_image
+from dsnet.engine.checkpoint import load_weights
+from dsnet.engine.inference import CheckpointInfo, _classifier_size, load_checkpoint
+from dsnet.errors import DSNetError
+from dsnet.viz.capture import ModuleOutputs
 from dsnet.viz.maps import (
     Panel,
     attention_panels,
@@ -52,8 +56,6 @@ class VizModel:
 
     def load(self, path: str | Path) -> tuple[torch.Tensor, np.ndarray, tuple[int, int]]:
         """``(input (1, C, S, S), display image (S, S[, 3]) in [0, 1], original (width, height))`` of ``path``."""
-        from dsnet.data.images import load_image
-
         image = load_image(path, "L" if self.info.in_chans == 1 else "RGB")
         original = image.size
         size = self.info.input_size
@@ -82,12 +84,9 @@ def load_viz_model(
     converted / safetensors file for it; without: untrained weights, useful for shapes only)."""
     import timm
 
-    import dsnet  # noqa: F401  (registers the zoo)
-    from dsnet.engine.inference import load_checkpoint
-
     if Path(source).exists():
         if weights:
-            raise ValueError(f"{source} is a checkpoint already; --weights goes with a model name")
+            raise DSNetError(f"{source} is a checkpoint already; --weights goes with a model name")
         model, info = load_checkpoint(source, device=device)
         origin = f"{Path(source).name}/{info.path.name}" if Path(source).is_dir() else info.path.name
     elif timm.is_model(source):
@@ -118,21 +117,18 @@ def load_baseline(name: str, weights: str | None) -> VizModel:
     """A timm ViT (the paper's DeiT baseline of Fig. 1a) with the user's weights; nothing is downloaded."""
     import timm
 
-    from dsnet.engine.checkpoint import load_weights
-
     if not timm.is_model(name):
-        raise ValueError(f"--baseline {name!r}: not a registered timm model")
+        raise DSNetError(f"--baseline {name!r}: not a registered timm model")
     if not weights:
-        raise ValueError(f"--baseline {name} needs --baseline-weights FILE (weights are never downloaded)")
-    from dsnet.engine.inference import _classifier_size
+        raise DSNetError(f"--baseline {name} needs --baseline-weights FILE (weights are never downloaded)")
 
     state, _ = load_weights(weights)
     model = timm.create_model(name, pretrained=False, num_classes=_classifier_size(name, state, 3))
     if model_family(model) != "vit":
-        raise ValueError(f"--baseline {name}: not a ViT (no blocks[].attn to read the attention of)")
+        raise DSNetError(f"--baseline {name}: not a ViT (no blocks[].attn to read the attention of)")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{weights} does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise DSNetError(f"{weights} does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     cfg = model.pretrained_cfg
     info = CheckpointInfo(
         path=Path(weights),
@@ -154,9 +150,9 @@ def parse_point(text: str | None, original: tuple[int, int], path: str | Path) -
     try:
         x, y = (float(v) for v in text.split(","))
     except ValueError:
-        raise ValueError(f"--point {text!r}: expected X,Y in image pixels, e.g. --point 14,10") from None
+        raise DSNetError(f"--point {text!r}: expected X,Y in image pixels, e.g. --point 14,10") from None
     if not (0 <= x < width and 0 <= y < height):
-        raise ValueError(
+        raise DSNetError(
             f"--point {text}: outside the image {path} ({width}×{height} px; 0 <= X < {width}, 0 <= Y < {height})"
         )
     return x / width, y / height
@@ -221,12 +217,12 @@ def _require_family(vm: VizModel, kind: str) -> None:
     """A clear error before any work when ``vm`` has no map of this kind (``cam`` works for any model)."""
     family = model_family(vm.model)
     if kind == "attention" and family is None:
-        raise ValueError(
+        raise DSNetError(
             f"{vm.name} ({type(vm.model).__name__}): no attention maps to show (DS-Net, TransXNet, MixFormer or a "
             "timm ViT); `dsnet viz cam` works for any model"
         )
     if kind == "features" and family not in ("dsnet", "transxnet", "mixformer"):
-        raise ValueError(
+        raise DSNetError(
             f"{vm.name} ({type(vm.model).__name__}): no local/global streams to show (features need DS-Net, "
             "TransXNet or MixFormer); `dsnet viz cam` works for any model"
         )
@@ -266,7 +262,7 @@ def attention_figure(
         shown.append((bdisplay, bpanel))
     shown += [(display, p) for p in panels]
     if all(p is not None and p.heatmap is None for _, p in shown[1:]):
-        raise ValueError(f"{vm.name}: block {block} has no attention map ({'; '.join(p.note for _, p in shown[1:])})")
+        raise DSNetError(f"{vm.name}: block {block} has no attention map ({'; '.join(p.note for _, p in shown[1:])})")
     fig, axes = _figure(1, len(shown))
     for ax, (img, panel) in zip(axes[0], shown):
         _draw(ax, img, panel, where)
@@ -305,8 +301,7 @@ def _cam_layer(vm: VizModel, x: torch.Tensor, block: str | None) -> tuple[str, n
         return name, modules[name]
     candidates = [f["module"] for f in getattr(vm.model, "feature_info", []) if f.get("module") in modules]
     if not candidates:
-        raise ValueError(f"{vm.name}: no feature modules to take a Grad-CAM from; name one with --block")
-    from dsnet.viz.capture import ModuleOutputs
+        raise DSNetError(f"{vm.name}: no feature modules to take a Grad-CAM from; name one with --block")
 
     with torch.no_grad(), ModuleOutputs(vm.model, candidates) as kept:
         vm.model(x)
@@ -346,7 +341,7 @@ def cam_figure(
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     except ImportError:
-        raise ValueError("dsnet viz cam needs the grad-cam package: pip install 'dsnet[viz]'") from None
+        raise DSNetError("dsnet viz cam needs the grad-cam package: pip install 'dsnet[viz]'") from None
     x, display, _ = vm.load(image)
     with torch.no_grad():
         logits = vm.model(x)
@@ -358,11 +353,11 @@ def cam_figure(
         try:
             index = int(target)
         except ValueError:
-            raise ValueError(
+            raise DSNetError(
                 f"--class {target!r}: not a class of {vm.name} ({', '.join(vm.info.classes[:10])}...)"
             ) from None
         if not 0 <= index < vm.info.num_classes:
-            raise ValueError(f"--class {index}: outside 0..{vm.info.num_classes - 1}")
+            raise DSNetError(f"--class {index}: outside 0..{vm.info.num_classes - 1}")
     name, layer = _cam_layer(vm, x, block)
     with GradCAM(model=vm.model, target_layers=[layer], reshape_transform=_reshape_transform(vm.model, name)) as cam:
         heatmap = cam(input_tensor=x, targets=[ClassifierOutputTarget(index)])[0]  # (S, S) in [0, 1]
@@ -386,7 +381,7 @@ def streams_figure(
     """The paper's Figure 1 for several images, one row each: image | attention maps of the point (global
     self-attention, G→L, L→G for DS-Net) | local, global and fused features of the block."""
     if not images:
-        raise ValueError("streams needs at least one image")
+        raise DSNetError("streams needs at least one image")
     _require_family(vm, "features")
     rows = []
     for image in images:

@@ -23,6 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsnet.errors import DSNetError
+from dsnet.models.dsnet import DSNet, global_grid_shape
+from dsnet.models.mixformer import MixFormer
+from dsnet.models.transxnet import TransXNet, _reduced_size
 from dsnet.viz.capture import AttentionCapture, ModuleOutputs
 
 __all__ = [
@@ -50,10 +54,6 @@ class Panel:
 
 def model_family(model: nn.Module) -> str | None:
     """``"dsnet"``, ``"transxnet"``, ``"mixformer"``, ``"vit"`` (timm ViT-like), or ``None``."""
-    from dsnet.models.dsnet import DSNet
-    from dsnet.models.mixformer import MixFormer
-    from dsnet.models.transxnet import TransXNet
-
     if isinstance(model, DSNet):
         return "dsnet"
     if isinstance(model, TransXNet):
@@ -71,18 +71,18 @@ def block_names(model: nn.Module) -> dict[str, str]:
         return {f"1.{j + 1}": f"blocks.{j}" for j in range(len(model.blocks))}
     stages = getattr(model, "stages", None)
     if stages is None:
-        raise ValueError(f"{type(model).__name__} has no stages of blocks to visualise")
+        raise DSNetError(f"{type(model).__name__} has no stages of blocks to visualise")
     return {
         f"{i + 1}.{j + 1}": f"stages.{i}.blocks.{j}" for i, stage in enumerate(stages) for j in range(len(stage.blocks))
     }
 
 
 def parse_block(model: nn.Module, spec: str) -> str:
-    """The module name of block ``spec`` (``"S.B"``, 1-based); ``ValueError`` naming the valid range otherwise."""
+    """The module name of block ``spec`` (``"S.B"``, 1-based); ``DSNetError`` naming the valid range otherwise."""
     names = block_names(model)
     if spec not in names:
         last = list(names)[-1]
-        raise ValueError(
+        raise DSNetError(
             f"--block {spec!r}: expected STAGE.BLOCK between 1.1 and {last} (1-based), one of {list(names)}"
         )
     return names[spec]
@@ -122,7 +122,7 @@ def default_block(model: nn.Module, capture: AttentionCapture) -> str:
 def run_with_capture(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, AttentionCapture]:
     """Logits of ``x`` (1, C, H, W) and the :class:`AttentionCapture` of that very forward pass."""
     if x.shape[0] != 1:
-        raise ValueError(f"visualisation takes one image at a time, got a batch of {x.shape[0]}")
+        raise DSNetError(f"visualisation takes one image at a time, got a batch of {x.shape[0]}")
     with torch.no_grad(), AttentionCapture(model) as capture:
         logits = model(x)
     return logits, capture
@@ -137,8 +137,6 @@ def attention_panels(
     name = parse_block(model, block)
     px, py = point
     if family == "dsnet":
-        from dsnet.models.dsnet import global_grid_shape
-
         module = dict(model.named_modules())[name]
         _, _, height, width = capture.input_shapes[name]
         grid = global_grid_shape(height, width, module.global_stride, module.global_grid_size)
@@ -168,8 +166,6 @@ def attention_panels(
             panels.append(Panel("L→G co-attention", note=f"block {block} has no L→G co-attention"))
         return panels
     if family == "transxnet":
-        from dsnet.models.transxnet import _reduced_size
-
         _, _, height, width = capture.input_shapes[name]
         stage = model.stages[int(block.split(".")[0]) - 1]
         grid = (_reduced_size(height, stage.sr_ratio), _reduced_size(width, stage.sr_ratio))
@@ -198,7 +194,7 @@ def attention_panels(
         query = prefix + _index(py, grid[0]) * grid[1] + _index(px, grid[1])
         title = f"self-attention\nquery: patch ({_index(py, grid[0])}, {_index(px, grid[1])}) of {grid[0]}×{grid[1]}"
         return [_attention_panel(title, weights, query, grid, size)]
-    raise ValueError(f"{type(model).__name__}: no attention maps to show (DS-Net, TransXNet, MixFormer or a timm ViT)")
+    raise DSNetError(f"{type(model).__name__}: no attention maps to show (DS-Net, TransXNet, MixFormer or a timm ViT)")
 
 
 def reduce_channels(x: torch.Tensor, method: str) -> torch.Tensor:
@@ -207,7 +203,7 @@ def reduce_channels(x: torch.Tensor, method: str) -> torch.Tensor:
     if method == "mean":
         return x.mean(0)
     if method != "pca":
-        raise ValueError(f"reduce must be 'mean' or 'pca', got {method!r}")
+        raise DSNetError(f"reduce must be 'mean' or 'pca', got {method!r}")
     channels, height, width = x.shape
     samples = x.reshape(channels, -1).T.double()  # (H·W, C)
     centred = samples - samples.mean(0)
@@ -228,7 +224,7 @@ def _feature_modules(model: nn.Module, name: str) -> list[str]:
         return [f"{name}.mixer.idconv", f"{name}.mixer.osra", f"{name}.mixer"]
     if family == "mixformer":
         return [f"{name}.mixing.conv_out_norm", f"{name}.mixing.attn_out_norm", f"{name}.mixing.proj", name]
-    raise ValueError(
+    raise DSNetError(
         f"{type(model).__name__}: no local/global streams to show (features need DS-Net, TransXNet or MixFormer)"
     )
 

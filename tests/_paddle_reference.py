@@ -2,7 +2,8 @@
 
 Used by ``tests/test_paddle_parity.py`` (logit parity of converted weights) and ``benchmarks/throughput.py --paddle``
 (speed side by side). Needs ``paddlepaddle`` and ``paddleclas==2.6.0`` installed with ``--no-deps``
-(``scripts/test.sh``); nothing here is imported by the rest of :mod:`dsnet`, so the package never depends on Paddle.
+(``scripts/test.sh``). Test-only code: it lives beside the tests, outside the package, so :mod:`dsnet` never depends on
+Paddle; the benchmark imports it from here.
 
 The reference model file (``ppcls/arch/backbone/model_zoo/dsnet.py``) is imported under a private package name
 without executing ``ppcls/__init__.py`` (which pulls in unrelated dependencies): its sibling
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dsnet.errors import DSNetError
 
 __all__ = [
     "import_paddle",
@@ -60,7 +63,7 @@ def set_paddle_threads(threads: int) -> None:
     this is the dygraph counterpart of ``torch.set_num_threads``.
     """
     if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
+        raise DSNetError(f"threads must be >= 1, got {threads}")
     paddle = import_paddle()
     paddle.base.core.set_num_threads(threads)
 
