@@ -2,10 +2,11 @@
 
 Every model trains with ``configs/fashion_mnist/dsnet_tiny.yaml`` (only ``model.name`` changes; the recipe's
 ``model.kwargs`` — DS-Net's small-input global strides — go to DS-Net models only) for ``--minutes`` of training on
-this machine. The budget is exact, not rounded to epochs: the model's training speed is measured first on real
-batches of the recipe's data pipeline (``--probe-updates`` updates after two warm-up updates), and the schedule is
-set to the number of optimizer updates that fill the budget (``sched.updates``: the cosine ends exactly there, the
-last epoch may be partial). The table reports the minutes each run really trained, and the spread between models.
+this machine. The budget is exact, not rounded to epochs: each run sets ``sched.minutes`` and measures its own speed
+as it trains (``dsnet.engine.budget``: after a few warm-up updates, the number of updates that fill the budget is
+re-estimated every ten updates and the cosine's length set to it), so every run stops, its schedule finished, when its
+time is up, whatever the model's speed or the machine's load. The table reports the minutes each run really trained,
+and the spread between models.
 
 Results: ``benchmarks/results/fashion_mnist.md`` (markdown table, also printed): test top-1 on the 10,000 test images
 (mean ± std over ``--seeds`` for the models in ``--seed-models``), parameters, MACs at the input size
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -59,47 +59,6 @@ def model_overrides(name: str, cfg) -> list[str]:
     if name.startswith(("deit_", "vit_")):
         overrides.append(f"model.kwargs.img_size={cfg.data.input_size}")
     return overrides
-
-
-def probe_throughput(cfg, updates: int) -> float:
-    """Training images/s of ``cfg``'s model on real batches of its data pipeline (two warm-up updates first)."""
-    from dsnet.data.build import build_dataset, build_tensor_batches, build_transform
-    from dsnet.data.datasets import ShardedEpochSampler, TransformedDataset, collate_with_bad_files
-    from dsnet.engine.runtime import resolve_amp
-    from dsnet.engine.trainer import build_model
-
-    d, batch, chans = cfg.data, cfg.train.batch_size, cfg.model.in_chans
-    dataset = build_dataset(d, "train", chans)
-    sampler = ShardedEpochSampler(len(dataset), batch, seed=cfg.train.seed)
-    if d.pipeline == "tensor":
-        loader = build_tensor_batches(d, dataset, sampler, batch, chans, cfg.train.seed)
-    else:
-        loader = torch.utils.data.DataLoader(
-            TransformedDataset(dataset, build_transform(d, chans, True), cfg.train.seed),
-            batch_size=batch,
-            sampler=sampler,
-            num_workers=d.workers,
-            collate_fn=collate_with_bad_files,
-        )
-    model = build_model(cfg, 10)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    amp = resolve_amp(cfg.train.amp, torch.device("cpu"))
-    start = 0.0
-    for step, (x, y, _) in enumerate(loader):
-        if step == 2:  # updates 0 and 1 are the warm-up
-            start = time.perf_counter()
-        if step == updates + 2:
-            break
-        if cfg.train.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return updates * batch / (time.perf_counter() - start)
 
 
 def _top1(values: list[float]) -> str:
@@ -137,7 +96,6 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     parser.add_argument("--size", type=int, default=None, help="input size (default: the recipe's, 32)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores not busy)")
-    parser.add_argument("--probe-updates", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the --seed-models (default 0)")
     parser.add_argument("--seed-models", nargs="+", default=list(SEED_MODELS), help="models run with every seed")
     parser.add_argument("--val-samples", type=int, default=None, help="evaluate on the first N test images only")
@@ -153,7 +111,7 @@ def main() -> None:
     from dsnet.engine.runtime import auto_threads
     from dsnet.engine.trainer import build_model, train
 
-    threads = args.threads or auto_threads()  # fixed for the whole comparison: probes and runs alike
+    threads = args.threads or auto_threads()  # fixed for the whole comparison
     torch.set_num_threads(threads)
     base = [f"train.output_dir={args.output_dir}", "train.log_interval=1000"]
     if args.size:
@@ -170,22 +128,21 @@ def main() -> None:
         overrides += model_overrides(name, load_config(RECIPE, base))
         cfg = load_config(RECIPE, overrides)
         size, chans, batch = cfg.data.input_size, cfg.model.in_chans, cfg.train.batch_size
-        try:
-            rate = probe_throughput(cfg, args.probe_updates)
-        except Exception as err:  # a model that cannot run at this size is reported, not fatal
-            rows.append((name, f"fails at {size} px: {type(err).__name__}", "", "", "", "", ""))
-            continue
-        updates = max(1, round(rate * args.minutes * 60 / batch))
         seeds = args.seeds if name in args.seed_models else args.seeds[:1]
-        print(f"[bench] {name}: probe {rate:.1f} img/s -> sched.updates={updates}, seeds {seeds}", flush=True)
-        top1, seconds, speeds = [], [], []
-        for seed in seeds:
-            extra = [f"sched.updates={updates}", f"train.seed={seed}", f"train.name=bench-{name}-s{seed}"]
-            run_dir = train(load_config(RECIPE, overrides + extra))
-            summary = json.loads((run_dir / "summary.json").read_text())
-            top1.append(summary["final"]["top1"])
-            seconds.append(summary["train_seconds"])
-            speeds.append(summary["train_img_per_s"])
+        print(f"[bench] {name}: sched.minutes={args.minutes}, seeds {seeds}", flush=True)
+        top1, seconds, speeds, epochs = [], [], [], []
+        try:
+            for seed in seeds:
+                extra = [f"sched.minutes={args.minutes}", f"train.seed={seed}", f"train.name=bench-{name}-s{seed}"]
+                run_dir = train(load_config(RECIPE, overrides + extra))
+                summary = json.loads((run_dir / "summary.json").read_text())
+                top1.append(summary["final"]["top1"])
+                seconds.append(summary["train_seconds"])
+                speeds.append(summary["train_img_per_s"])
+                epochs.append(summary["updates"] * batch / TRAIN_IMAGES)
+        except Exception as err:  # a model that cannot run at this size is reported, not fatal
+            rows.append((name, f"fails at {size} px: {type(err).__name__}: {err}"[:120], "", "", "", "", ""))
+            continue
         minutes_trained.extend(sec / 60 for sec in seconds)
         model = build_model(cfg, 10)
         rows.append(
@@ -196,7 +153,7 @@ def main() -> None:
                 f"{count_macs(model, (chans, size, size)) / 1e6:.1f}",
                 f"{statistics.mean(speeds):.0f}",
                 " / ".join(f"{sec / 60:.2f}" for sec in seconds),
-                f"{updates * batch / TRAIN_IMAGES:.3g}",
+                " / ".join(f"{e:.3g}" for e in epochs),
             )
         )
         write_table(rows, minutes_trained, args, size, chans)

@@ -1,4 +1,4 @@
-"""``benchmarks/fashion_mnist.py`` on a tiny budget: exact schedules in updates, seeds, the table it writes.
+"""``benchmarks/fashion_mnist.py`` on a tiny budget: every run under sched.minutes, seeds, the table it writes.
 
 Structure only: no figure is asserted against a time.
 """
@@ -16,10 +16,10 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fashion_mnist.py"
 
 
 @pytest.mark.slow
-def test_tiny_budget_trains_each_model_for_its_updates_and_writes_the_table(tmp_path):
+def test_tiny_budget_trains_each_model_under_the_time_budget_and_writes_the_table(tmp_path):
     out = tmp_path / "table.md"
     args = ["--minutes", "0.02", "--models", "dsnet_tiny", "resnet18", "--seed-models", "dsnet_tiny"]
-    args += ["--seeds", "0", "1", "--val-samples", "64", "--threads", "1", "--probe-updates", "2"]
+    args += ["--seeds", "0", "1", "--val-samples", "64", "--threads", "1"]
     args += ["--output-dir", str(tmp_path / "runs"), "--out", str(out)]
     result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -29,10 +29,8 @@ def test_tiny_budget_trains_each_model_for_its_updates_and_writes_the_table(tmp_
     assert "±" in rows["dsnet_tiny"] and "±" not in rows["resnet18"]  # two seeds vs one
     summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").glob("*/summary.json"))]
     assert sorted(s["model"] for s in summaries) == ["dsnet_tiny", "dsnet_tiny", "resnet18"]
-    by_model = {}
     for summary in summaries:
-        by_model.setdefault(summary["model"], set()).add(summary["updates"])
         assert summary["final"]["num_samples"] == 64
-    assert all(len(updates) == 1 for updates in by_model.values())  # both seeds of a model: the same schedule
     configs = {p.parent.name: p.read_text() for p in (tmp_path / "runs").glob("*/config.yaml")}
     assert all(("global_strides" in text) == ("dsnet" in name) for name, text in configs.items())
+    assert all("minutes: 0.02" in text and "updates: null" in text for text in configs.values())  # time, not updates

@@ -119,6 +119,7 @@ class SchedConfig:
     sched: str = "cosine"  # schedule name understood by timm
     epochs: int = 300  # training epochs
     updates: int | None = None  # total optimizer updates instead (schedule length; the last epoch may be partial)
+    minutes: float | None = None  # train this long instead (evaluation excluded): dsnet.engine.budget
     warmup_epochs: float = 5  # linear warm-up length from warmup_lr (may be fractional)
     warmup_lr: float = 1e-6  # learning rate at the first update
     min_lr: float = 1e-5  # final learning rate of the cosine
@@ -252,6 +253,7 @@ RUN_RANGES: dict[str, Bound] = {
     "optim.clip_grad": POSITIVE,
     "sched.epochs": POSITIVE_INT,
     "sched.updates": POSITIVE_INT,
+    "sched.minutes": POSITIVE,
     "sched.warmup_epochs": NON_NEGATIVE,
     "sched.warmup_lr": NON_NEGATIVE,
     "sched.min_lr": NON_NEGATIVE,
@@ -300,6 +302,11 @@ def _check_run(cfg: RunConfig, where: str) -> None:
         raise DSNetError(
             f"{where}: train.accum_steps={t.accum_steps} must divide train.batch_size={t.batch_size} "
             "(the global batch is split into equal micro-batches)"
+        )
+    if cfg.sched.minutes is not None and cfg.sched.updates is not None:
+        raise ValueError(
+            f"{where}: sched.minutes={cfg.sched.minutes} and sched.updates={cfg.sched.updates} both set the "
+            "schedule's length; keep one"
         )
     for key in ("scale", "ratio"):
         low, high = getattr(d, key)

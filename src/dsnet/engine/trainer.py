@@ -36,6 +36,7 @@ from dsnet._io import atomic_write_json, atomic_write_text, check_writable_folde
 from dsnet.data.build import PIPELINES, build_dataset, build_tensor_batches, build_transform, normalization
 from dsnet.data.datasets import ShardedEpochSampler, TransformedDataset, collate_with_bad_files
 from dsnet.engine import checkpoint as ckpt
+from dsnet.engine.budget import TimeBudget
 from dsnet.engine.config import RunConfig, load_config
 from dsnet.engine.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
 from dsnet.engine.evaluate import EvalResult, evaluate
@@ -192,6 +193,9 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
     sampler = ShardedEpochSampler(len(train_data), t.batch_size, rank=dist_info.rank, world_size=world, seed=t.seed)
     updates_per_epoch = sampler.updates_per_epoch
     total_updates = cfg.sched.updates or cfg.sched.epochs * updates_per_epoch
+    budget = TimeBudget(cfg.sched.minutes * 60) if cfg.sched.minutes else None
+    if budget is not None:  # sched.epochs is provisional: it must outlast the first estimate
+        total_updates = max(total_updates, budget.first_estimate + 1)
     num_epochs = math.ceil(total_updates / updates_per_epoch)
     val_batch = max(micro, 64)
     val_sampler = ShardedEpochSampler(
@@ -227,18 +231,22 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
         **opt_kwargs,
     )
     s = cfg.sched
-    # lengths in optimizer updates (updates_per_epoch=1), so a schedule can end mid-epoch (sched.updates)
-    scheduler, _ = timm.scheduler.create_scheduler_v2(
-        optimizer,
-        sched=s.sched,
-        num_epochs=total_updates,
-        warmup_epochs=s.warmup_epochs * updates_per_epoch,
-        decay_epochs=90 * updates_per_epoch,  # timm's default step length of step schedules, in updates
-        warmup_lr=s.warmup_lr,
-        min_lr=s.min_lr,
-        step_on_epochs=False,
-        updates_per_epoch=1,
-    )
+
+    def make_scheduler(length: int) -> Any:
+        # lengths in optimizer updates (updates_per_epoch=1), so a schedule can end mid-epoch (sched.updates)
+        return timm.scheduler.create_scheduler_v2(
+            optimizer,
+            sched=s.sched,
+            num_epochs=length,
+            warmup_epochs=s.warmup_epochs * updates_per_epoch,
+            decay_epochs=90 * updates_per_epoch,  # timm's default step length of step schedules, in updates
+            warmup_lr=s.warmup_lr,
+            min_lr=s.min_lr,
+            step_on_epochs=False,
+            updates_per_epoch=1,
+        )[0]
+
+    scheduler = make_scheduler(total_updates)
     mixup = (
         timm.data.Mixup(
             mixup_alpha=d.mixup,
@@ -284,6 +292,9 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
         start_epoch, start_update_in_epoch, update = state["epoch"], state["update_in_epoch"], state["update"]
+        if budget is not None:  # the length last estimated (the restored scheduler has it too)
+            total_updates = state.get("total_updates", total_updates)
+            num_epochs = math.ceil(total_updates / updates_per_epoch)
         best, elapsed_train, samples_seen = state["best"], state["elapsed_train"], state["samples_seen"]
         bad_files.seen = list(state["bad_files"])
         if main:
@@ -325,6 +336,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
             elapsed_train=elapsed_train,
             samples_seen=samples_seen,
             bad_files=list(bad_files.seen),
+            total_updates=total_updates,
         )
 
     meta = {
@@ -371,7 +383,9 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
     loss_sum = torch.zeros(2, dtype=torch.float64)  # loss × samples, samples since the last step record
     last_result: EvalResult | None = None
     last_ema_result: EvalResult | None = None
-    for epoch in range(start_epoch, num_epochs):
+    first_update = update
+    epoch = start_epoch - 1
+    while (epoch := epoch + 1) < num_epochs:  # num_epochs may change under a time budget (sched.minutes)
         first = start_update_in_epoch if epoch == start_epoch else 0
         sampler.set_epoch(epoch, first)
         if d.pipeline == "tensor":
@@ -422,6 +436,15 @@ def _train(cfg: RunConfig, dist_info: DistInfo, device: torch.device, resume_dir
             optimizer.zero_grad(set_to_none=True)
             update += 1
             update_in_epoch += 1
+            if budget is not None:
+                estimate = budget.estimate(update, elapsed_train + time.perf_counter() - tic, first_update)
+                if estimate is not None:
+                    if dist_info.distributed:  # every rank must stop at the same update
+                        estimate = int(all_reduce_sum(torch.tensor([float(estimate)], dtype=torch.float64))[0] / world)
+                    total_updates = max(estimate, update)
+                    num_epochs = math.ceil(total_updates / updates_per_epoch)
+                    epoch_updates = min(updates_per_epoch, total_updates - epoch * updates_per_epoch)
+                    scheduler = make_scheduler(total_updates)  # same warm-up, new cosine length
             scheduler.step_update(num_updates=update)
             if ema is not None:
                 ema.update(model, step=update)
