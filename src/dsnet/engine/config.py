@@ -304,7 +304,7 @@ def _check_run(cfg: RunConfig, where: str) -> None:
             "(the global batch is split into equal micro-batches)"
         )
     if cfg.sched.minutes is not None and cfg.sched.updates is not None:
-        raise ValueError(
+        raise DSNetError(
             f"{where}: sched.minutes={cfg.sched.minutes} and sched.updates={cfg.sched.updates} both set the "
             "schedule's length; keep one"
         )
