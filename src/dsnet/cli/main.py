@@ -13,7 +13,17 @@ import sys
 from collections.abc import Sequence
 
 #: Subcommand modules, in the order ``dsnet --help`` lists them.
-SUBCOMMANDS: tuple[str, ...] = ("info", "export", "convert", "train", "evaluate", "predict", "detect", "viz")
+SUBCOMMANDS: tuple[str, ...] = (
+    "info",
+    "export",
+    "convert",
+    "train",
+    "evaluate",
+    "predict",
+    "serve",
+    "detect",
+    "viz",
+)
 
 
 class CLIError(Exception):
