@@ -213,11 +213,11 @@ def test_streamed_body_over_the_limit_is_refused(loaded):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
-    assert main(["serve", str(tmp_path / "missing.safetensors")]) == 2
+    assert main(["serve", str(tmp_path / "missing.safetensors"), "--threads", "1"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == f"dsnet: error: checkpoint {tmp_path / 'missing.safetensors'} does not exist"
     monkeypatch.setitem(__import__("sys").modules, "uvicorn", None)  # as if the serve extra were not installed
-    assert main(["serve", str(tmp_path / "missing.safetensors")]) == 2
+    assert main(["serve", str(tmp_path / "missing.safetensors"), "--threads", "1"]) == 2
     assert capsys.readouterr().err.strip() == "dsnet: error: dsnet serve needs uvicorn: pip install 'dsnet[serve]'"
 
 

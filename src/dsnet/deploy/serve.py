@@ -245,7 +245,8 @@ async def _read_body(request: "Request", limit: int) -> bytes:
 
 
 def _size(limit: int) -> str:
-    return f"{limit} bytes ({limit / 1024 / 1024:.1f} MB)"
+    """``limit`` in bytes, and in MB (2**20 bytes, as ``--max-upload-mb``) when that is at least 1."""
+    return f"{limit} bytes" + (f" ({limit / 2**20:g} MB)" if limit >= 2**20 else "")
 
 
 def _decode_base64(text: Any) -> bytes:
