@@ -212,6 +212,31 @@ def test_streamed_body_over_the_limit_is_refused(loaded):
         assert httpx.get(f"{url}/health", timeout=60).json()["counters"]["errors"] == 1
 
 
+@pytest.mark.slow  # the ONNX export (torch.export) alone took minutes on the busy 2-core machine
+def test_onnxruntime_backend_serves_the_same_answer(loaded, images, tmp_path):
+    from dsnet.deploy.runtime import write_artefact_info
+    from dsnet.export.onnx import export_onnx
+
+    info = loaded[1]
+    torch.manual_seed(0)  # a small convnet: exporting dsnet_tiny takes minutes on a busy 2-core machine
+    small = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(1),
+        torch.nn.Linear(8, len(CLASSES)),
+    ).eval()
+    export_onnx(small, tmp_path / "m.onnx", image_size=(32, 32), in_chans=1)
+    write_artefact_info(tmp_path / "m.onnx", info)
+    runtime, runtime_info = load_for_inference(tmp_path / "m.onnx", num_threads=1)
+    (expected,) = predict_files(small, info, [images[2]], top_k=3)
+    with running_server(create_app(runtime, runtime_info, top_k=3)) as url:
+        answer = _post_file(url, images[2]).json()
+        assert httpx.get(f"{url}/health", timeout=60).json()["backend"] == "onnxruntime"
+    assert answer["indices"] == expected.indices
+    assert answer["probs"] == pytest.approx(expected.probs, abs=1e-5)
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert main(["serve", str(tmp_path / "missing.safetensors"), "--threads", "1"]) == 2
     err = capsys.readouterr().err

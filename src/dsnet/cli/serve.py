@@ -71,8 +71,10 @@ def run(args: argparse.Namespace) -> int:
     )
     sock = bind_socket(args.host, args.port)  # a busy port is a one-line error before uvicorn starts
     url = base_url(args.host, sock.getsockname()[1])
+    plural = "s" if threads > 1 else ""
     print(
-        f"dsnet serve: {info.model} ({backend_name(model)}, {info.num_classes} classes, {threads} threads) on {url}  "
+        f"dsnet serve: {info.model} ({backend_name(model)}, {info.num_classes} classes, {threads} thread{plural}) "
+        f"on {url}  "
         f"max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms; POST an image to {url}/predict",
         file=sys.stderr,
     )
