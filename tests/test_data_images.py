@@ -15,7 +15,7 @@ from dsnet.data.datasets import (
     TransformedDataset,
     collate_with_bad_files,
 )
-from dsnet.data.images import ImageLoadError, load_image
+from dsnet.data.images import ImageLoadError, decode_image, image_format, load_image
 
 
 def test_grey_rgba_cmyk_16bit_palette_convert_correctly(tmp_path):
@@ -169,6 +169,35 @@ def test_decompression_bomb_is_a_per_file_error(bomb):
     assert bomb.stat().st_size < 1_000_000
     with pytest.raises(ImageLoadError, match=r"bomb\.png: 40000x40000 = 1600000000 pixels, over the limit"):
         load_image(bomb)
+    with pytest.raises(ImageLoadError, match=r"upload: 40000x40000 = 1600000000 pixels, over the limit"):
+        decode_image(bomb.read_bytes(), name="upload")
+
+
+def test_decode_image_reads_bytes_like_a_file(tmp_path):
+    from PIL import Image as PILImage
+
+    PILImage.new("LA", (5, 3), (40, 0)).save(tmp_path / "clear.png")
+    data = (tmp_path / "clear.png").read_bytes()
+    assert decode_image(data, "L").getpixel((0, 0)) == load_image(tmp_path / "clear.png", "L").getpixel((0, 0)) == 255
+    with pytest.raises(ImageLoadError, match=r"^post: not an image file"):
+        decode_image(b"hello, not a picture", name="post")
+    with pytest.raises(ImageLoadError, match=r"^post: empty file"):
+        decode_image(b"", name="post")
+    for cut in (4, 20, len(data) // 2, 50):  # inside the signature, the header chunk, the pixel data
+        with pytest.raises(ImageLoadError, match=r"^post: corrupt or truncated image"):
+            decode_image(data[:cut], name="post")
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])  # ends inside the header chunks
+    with pytest.raises(ImageLoadError, match=r"cut\.png: corrupt or truncated image \(starts like a PNG file\)"):
+        load_image(tmp_path / "cut.png")
+
+
+def test_image_format_names_damaged_headers_only():
+    assert image_format(b"\xff\xd8\xff\xe0") == "JPEG"
+    assert image_format(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "WebP"
+    assert image_format(b"BM\x00\x01\x00\x00\x00\x00\x00\x00\x36\x00") == "BMP"
+    assert image_format(b"P5\n28 28\n255\n") == "PPM"
+    for text in (b"hello", b"BMW cars are fast", b"RIFF....WAVEfmt ", b"Pandas", b"", b"\x89P"):
+        assert image_format(text) is None, text
 
 
 def test_pixel_limit_is_configurable(tmp_path, monkeypatch):

@@ -20,7 +20,17 @@ from contextlib import contextmanager
 from dsnet.errors import DSNetError
 
 #: Subcommand modules, in the order ``dsnet --help`` lists them.
-SUBCOMMANDS: tuple[str, ...] = ("info", "export", "convert", "train", "evaluate", "predict", "detect", "viz")
+SUBCOMMANDS: tuple[str, ...] = (
+    "info",
+    "export",
+    "convert",
+    "train",
+    "evaluate",
+    "predict",
+    "serve",
+    "detect",
+    "viz",
+)
 
 
 @contextmanager

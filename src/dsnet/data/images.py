@@ -1,5 +1,8 @@
 """Opening image files robustly: every PIL mode becomes 8-bit ``RGB`` or ``L``, bad files raise a clear error.
 
+:func:`load_image` reads a file, :func:`decode_image` the same bytes held in memory (an HTTP upload); both apply
+the same checks, conversions and pixel limit.
+
 Conversions (``mode`` is the requested output, ``"RGB"`` or ``"L"``):
 
 * EXIF orientation is applied;
@@ -22,10 +25,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -36,6 +41,8 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS_ENV",
     "ImageLoadError",
+    "decode_image",
+    "image_format",
     "load_image",
     "max_image_pixels",
     "open_image",
@@ -85,27 +92,83 @@ def _size_checked_by_us() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
+#: Leading bytes of the formats PIL reads that we name when a file has them but cannot be opened.
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def image_format(header: bytes) -> str | None:
+    """The image format whose signature ``header`` (the first 16 bytes or more of a file) starts with, else None.
+
+    Used to tell a damaged image (a PNG cut short, whose header PIL cannot parse) from bytes that are no image.
+
+    Example:
+        >>> image_format(b"\x89PNG\r\n\x1a\n\x00\x00"), image_format(b"hello")
+        ('PNG', None)
+    """
+    for signature, name in _SIGNATURES:
+        cut_short = 3 <= len(header) < len(signature) and signature.startswith(header)
+        if header.startswith(signature) or cut_short:
+            return name
+    if header.startswith(b"RIFF") and (len(header) < 12 or header[8:12] == b"WEBP"):
+        return "WebP"
+    if header.startswith(b"BM") and (len(header) < 10 or header[6:10] == b"\x00\x00\x00\x00"):  # reserved bytes
+        return "BMP"
+    if len(header) >= 3 and header[:1] == b"P" and header[1:2] in b"123456" and header[2:3].isspace():
+        return "PPM"
+    return None
+
+
+def _header_of(source: str | Path | BinaryIO) -> bytes:
+    """The first 16 bytes of a path or seekable stream (empty if unreadable)."""
+    try:
+        if isinstance(source, (str, Path)):
+            with open(source, "rb") as handle:
+                return handle.read(16)
+        source.seek(0)
+        return source.read(16)
+    except OSError:
+        return b""
+
+
 @contextlib.contextmanager
 def open_image(path: str | Path, max_pixels: int | None = None) -> Iterator[Image.Image]:
     """``PIL.Image.open(path)`` (header only, nothing decoded yet) refusing images larger than ``max_pixels``
     (default :func:`max_image_pixels`).
 
     Raises:
-        ImageLoadError: not an image, or over the pixel limit (the message names the file, its size and the limit).
+        ImageLoadError: not an image, a damaged one, or over the pixel limit (the message names the file, its size
+            and the limit).
     """
+    with _open_checked(path, str(path), max_pixels) as opened:
+        yield opened
+
+
+@contextlib.contextmanager
+def _open_checked(source: str | Path | BinaryIO, name: str, max_pixels: int | None = None) -> Iterator[Image.Image]:
+    """:func:`open_image` of a path or binary stream; ``name`` starts every error message."""
     limit = max_pixels or max_image_pixels()
     try:
         with _size_checked_by_us():
-            opened = Image.open(path)
+            opened = Image.open(source)
     except UnidentifiedImageError as err:
-        raise ImageLoadError(f"{path}: not an image file PIL can read") from err
+        kind = image_format(_header_of(source))
+        if kind is not None:  # PIL gives up on a header cut short the same way as on text
+            raise ImageLoadError(f"{name}: corrupt or truncated image (starts like a {kind} file)") from err
+        raise ImageLoadError(f"{name}: not an image file PIL can read") from err
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageLoadError(f"{path}: corrupt or truncated image ({err})") from err
+        raise ImageLoadError(f"{name}: corrupt or truncated image ({err})") from err
     with opened:
         width, height = opened.size
         if width * height > limit:
             raise ImageLoadError(
-                f"{path}: {width}x{height} = {width * height} pixels, over the limit of {limit} "
+                f"{name}: {width}x{height} = {width * height} pixels, over the limit of {limit} "
                 f"(a decompression bomb or an absurd size; set {MAX_PIXELS_ENV} to allow larger images)"
             )
         yield opened
@@ -142,16 +205,31 @@ def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
     Raises:
         ImageLoadError: empty, truncated, corrupt, non-image or too large file (the message names the file).
     """
-    if mode not in ("RGB", "L"):
-        raise DSNetError(f"mode must be 'RGB' or 'L', got {mode!r}")
     path = Path(path)
     try:
         size = path.stat().st_size
     except OSError as err:
         raise ImageLoadError(f"{path}: cannot read ({err.strerror or err})") from err
+    return _decode(path, str(path), size, mode)
+
+
+def decode_image(data: bytes, mode: str = "RGB", *, name: str = "image") -> Image.Image:
+    """:func:`load_image` of an image file's bytes held in memory (an upload); ``name`` starts every error message.
+
+    Raises:
+        ImageLoadError: as :func:`load_image` ("empty file", "not an image file", "corrupt or truncated image",
+            "over the limit").
+    """
+    return _decode(io.BytesIO(data), name, len(data), mode)
+
+
+def _decode(source: Path | BinaryIO, name: str, size: int, mode: str) -> Image.Image:
+    """The body of :func:`load_image` and :func:`decode_image`: checks, decoding and conversion to ``mode``."""
+    if mode not in ("RGB", "L"):
+        raise DSNetError(f"mode must be 'RGB' or 'L', got {mode!r}")
     if size == 0:
-        raise ImageLoadError(f"{path}: empty file (0 bytes)")
-    with open_image(path) as opened:
+        raise ImageLoadError(f"{name}: empty file (0 bytes)")
+    with _open_checked(source, name) as opened:
         try:
             with warnings.catch_warnings(), _size_checked_by_us():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -162,4 +240,4 @@ def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
         except ImageLoadError:
             raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-            raise ImageLoadError(f"{path}: corrupt or truncated image ({err})") from err
+            raise ImageLoadError(f"{name}: corrupt or truncated image ({err})") from err

@@ -19,11 +19,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsnet.data.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from dsnet.data.images import IMAGE_EXTENSIONS, ImageLoadError, decode_image, load_image
 from dsnet.engine import checkpoint as ckpt
 from dsnet.errors import DSNetError
 
-__all__ = ["CheckpointInfo", "Prediction", "collect_images", "load_checkpoint", "predict_files"]
+__all__ = [
+    "CheckpointInfo",
+    "Prediction",
+    "Preprocessor",
+    "TopK",
+    "collect_images",
+    "load_checkpoint",
+    "model_device",
+    "predict_files",
+    "rank_classes",
+]
 
 
 @dataclass
@@ -178,6 +188,61 @@ class Prediction:
     error: str | None = None
 
 
+class Preprocessor:
+    """The eval preprocessing of a checkpoint: an image file or its bytes → a ``(C, H, W)`` float tensor.
+
+    One object for ``dsnet predict`` and ``dsnet serve``, so both feed the model the same tensor for the same image:
+    decoding by :func:`~dsnet.data.images.load_image` / :func:`~dsnet.data.images.decode_image` (same checks and
+    pixel limit) to ``L`` or ``RGB`` by ``info.in_chans``, then :meth:`CheckpointInfo.transform`.
+
+    Example:
+        >>> prep = Preprocessor(info)  # doctest: +SKIP
+        >>> prep.from_path("shoe.png").shape  # doctest: +SKIP
+        torch.Size([1, 32, 32])
+    """
+
+    def __init__(self, info: CheckpointInfo) -> None:
+        self.info = info
+        self.mode = "L" if info.in_chans == 1 else "RGB"
+        self.transform = info.transform()
+
+    def from_path(self, path: str | Path) -> torch.Tensor:
+        """The model input for the image file ``path``.
+
+        Raises:
+            ImageLoadError: the file cannot be decoded (the message names it and the reason).
+        """
+        return self.transform(load_image(path, self.mode))
+
+    def from_bytes(self, data: bytes, name: str = "image") -> torch.Tensor:
+        """The model input for an image file's bytes (``name`` starts error messages).
+
+        Raises:
+            ImageLoadError: the bytes are empty, no image, a damaged image or over the pixel limit.
+        """
+        return self.transform(decode_image(data, self.mode, name=name))
+
+
+@dataclass
+class TopK:
+    """The ``k`` most probable classes of one image, most probable first."""
+
+    labels: list[str]
+    indices: list[int]
+    probs: list[float]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (CPU for a runtime backend, which has none)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
+def rank_classes(probs: torch.Tensor, classes: tuple[str, ...], k: int) -> list[TopK]:
+    """:class:`TopK` of each row of softmax probabilities ``probs`` ``(B, classes)``; ``k`` is capped at the classes."""
+    values, indices = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    return [TopK([classes[j] for j in i], i, v) for v, i in zip(values.tolist(), indices.tolist())]
+
+
 @torch.no_grad()
 def predict_files(
     model: nn.Module, info: CheckpointInfo, files: list[Path], *, top_k: int = 5, batch_size: int = 32
@@ -186,10 +251,8 @@ def predict_files(
 
     ``model`` is any module mapping a batch to logits: PyTorch, or a runtime of :mod:`dsnet.deploy.runtime`.
     """
-    transform = info.transform()
-    mode = "L" if info.in_chans == 1 else "RGB"
-    device = next(model.parameters(), torch.empty(0)).device  # a runtime backend has no parameters: CPU
-    k = min(top_k, info.num_classes)
+    preprocess = Preprocessor(info)
+    device = model_device(model)
     results: list[Prediction] = []
     batch: list[tuple[Prediction, torch.Tensor]] = []
 
@@ -197,16 +260,15 @@ def predict_files(
         if not batch:
             return
         probs = model(torch.stack([x for _, x in batch]).to(device)).float().softmax(-1)  # (B, classes)
-        values, indices = probs.topk(k, dim=-1)
-        for (pred, _), v, i in zip(batch, values.tolist(), indices.tolist()):
-            pred.indices, pred.probs, pred.labels = i, v, [info.classes[j] for j in i]
+        for (pred, _), best in zip(batch, rank_classes(probs.cpu(), info.classes, top_k)):
+            pred.indices, pred.probs, pred.labels = best.indices, best.probs, best.labels
         batch.clear()
 
     for path in files:
         pred = Prediction(path=str(path))
         results.append(pred)
         try:
-            batch.append((pred, transform(load_image(path, mode))))
+            batch.append((pred, preprocess.from_path(path)))
         except ImageLoadError as err:
             pred.error = str(err)
         if len(batch) >= batch_size:
