@@ -19,7 +19,8 @@ from dsnet.bench.complexity import count_macs, count_params
 from dsnet.models import PAPER_FIGURES
 from dsnet.models.dsnet import DSBlock, DSNet, checkpoint_filter_fn, resize_to_global_grid
 
-# Targets: (params, GMACs at 224×224) of the DS-Net paper, Table 2, and of the PaddleClas release checkpoints; base_concat has no verified MAC figure.
+# Targets: (params, GMACs at 224×224) of the DS-Net paper, Table 2, and of the PaddleClas release checkpoints;
+# base_concat has no verified MAC figure.
 TARGETS = {
     "dsnet_tiny": (10.534e6, 1.83),
     "dsnet_small": (23.005e6, 3.55),
@@ -72,7 +73,8 @@ def test_params_and_macs_match_verified_targets(name):
 @pytest.mark.parametrize(("alignment", "per_d2", "per_d"), [(True, 12.75, 35.5), (False, 10.75, 29.5)])
 @pytest.mark.parametrize("dim", [64, 320])
 def test_block_parameter_formula(alignment, per_d2, per_d, dim):
-    """Counted from the block definition (PaddleClas dsnet.py): 12.75·d² + 35.5·d parameters per block with alignment, 10.75·d² + 29.5·d without."""
+    """Counted from the block definition (PaddleClas dsnet.py): 12.75·d² + 35.5·d parameters per block with
+    alignment, 10.75·d² + 29.5·d without."""
     block = DSBlock(dim, num_heads=dim // 64 or 1, global_stride=2, alignment=alignment, device="meta")
     assert count_params(block) == per_d2 * dim**2 + per_d * dim
 

@@ -25,7 +25,8 @@ from dsnet.models.mixformer import ConvDownsample, MixingAttention, checkpoint_f
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mixformer_b0_paddle_keys.txt"
 
-# Parameters (M) counted from the official model (PaddleClas mixformer.py), and the paper's FLOPs (G, = MACs) at 224×224.
+# Parameters (M) counted from the official model (PaddleClas mixformer.py), and the paper's FLOPs (G, = MACs)
+# at 224×224.
 TARGET_PARAMS_M = {"b0": 5.10, "b1": 7.89, "b2": 9.89, "b3": 16.75, "b4": 34.80, "b5": 61.69, "b6": 119.51}
 
 
