@@ -6,7 +6,8 @@ import argparse
 import importlib
 import sys
 
-from dsnet.cli.main import CLIError, positive_int
+from dsnet.cli.main import positive_int
+from dsnet.errors import DSNetError
 
 #: What ``dsnet serve`` imports (any of the module names) and the distribution that provides it.
 _SERVE_MODULES = (
@@ -27,10 +28,10 @@ def _importable(names: tuple[str, ...]) -> bool:
 
 
 def _check_serve_extra() -> None:
-    """Raise a one-line :class:`CLIError` when a package of the ``serve`` extra is missing."""
+    """Raise a one-line :class:`~dsnet.errors.DSNetError` when a package of the ``serve`` extra is missing."""
     missing = [dist for modules, dist in _SERVE_MODULES if not _importable(modules)]
     if missing:
-        raise CLIError(f"dsnet serve needs {', '.join(missing)}: pip install 'dsnet[serve]'")
+        raise DSNetError(f"dsnet serve needs {', '.join(missing)}: pip install 'dsnet[serve]'")
 
 
 def positive_float(text: str) -> float:
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     threads = args.threads or auto_threads()
     torch.set_num_threads(threads)
     if args.max_upload_mb <= 0:
-        raise CLIError(f"--max-upload-mb must be positive, got {args.max_upload_mb:g}")
+        raise DSNetError(f"--max-upload-mb must be positive, got {args.max_upload_mb:g}")
     backend = args.backend or guess_backend(args.source)
     kwargs = {"device": resolve_device(args.device)} if backend == "torch" else {}
     model, info = load_for_inference(args.source, backend=backend, num_threads=threads, **kwargs)
