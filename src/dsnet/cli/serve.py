@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from dsnet.deploy.runtime import guess_backend, load_for_inference
     from dsnet.deploy.serve import backend_name, base_url, bind_socket, create_app
     from dsnet.engine.distributed import resolve_device
-    from dsnet.engine.trainer import auto_threads
+    from dsnet.engine.runtime import auto_threads
 
     threads = args.threads or auto_threads()
     torch.set_num_threads(threads)
