@@ -389,8 +389,9 @@ def test_matches_reference_computation(name):
 def test_checkpoint_filter_passes_our_names_through():
     model = timm.create_model("dsnet_tiny_concat", device="meta")
     state = model.state_dict()
-    assert checkpoint_filter_fn(state, model) is state
-    assert checkpoint_filter_fn({"state_dict": state}, model) is state
+    for given in (state, {"state_dict": state}, {f"module.{k}": v for k, v in state.items()}):
+        out = checkpoint_filter_fn(given, model)  # the same names, in order, holding the very same tensors
+        assert list(out) == list(state) and all(out[k] is state[k] for k in state)
 
 
 def test_checkpoint_filter_converts_reference_layout():
