@@ -48,6 +48,17 @@ def user_errors_as_dsnet() -> Iterator[None]:
         raise DSNetError(str(err)) from err
 
 
+def positive_float(text: str) -> float:
+    """argparse ``type`` of a number >= 0 (milliseconds, megabytes)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value:g}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse ``type`` of counts that must be at least 1 (batch sizes, threads, top-k, image counts)."""
     try:

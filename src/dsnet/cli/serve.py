@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from dsnet.cli.main import positive_int
+from dsnet.cli.main import positive_float, positive_int
 from dsnet.errors import DSNetError
 
 #: What ``dsnet serve`` imports (any of the module names) and the distribution that provides it.
@@ -32,17 +32,6 @@ def _check_serve_extra() -> None:
     missing = [dist for modules, dist in _SERVE_MODULES if not _importable(modules)]
     if missing:
         raise DSNetError(f"dsnet serve needs {', '.join(missing)}: pip install 'dsnet[serve]'")
-
-
-def positive_float(text: str) -> float:
-    """argparse ``type`` of a number >= 0 (milliseconds, megabytes)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value:g}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:
