@@ -21,6 +21,7 @@ Only the parameter table of the paper's Table 6 (seconds)::
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -99,11 +100,12 @@ def run_budget(
             floor = evaluate(untrained, val_set, batch_size=batch)["bbox_AP"]
             params = sum(p.numel() for p in untrained.parameters()) / 1e6
             start = time.perf_counter()
-            result = train(cfg)
+            run_dir = train(cfg)
+            result = json.loads((run_dir / "summary.json").read_text())
             wall = (time.perf_counter() - start) / 60
             minutes = result["train_seconds"] / 60
-            records = MetricsLog(Path(result["run_dir"]) / "metrics.jsonl").read()
-            curve = [r["bbox_AP"] for r in records if r["kind"] == "eval"]
+            records = MetricsLog(run_dir / "metrics.jsonl").read()
+            curve = [r["bbox_AP"] for r in records if r["kind"] == "epoch" and "bbox_AP" in r]
             rows.append((neck, seed, params, minutes, wall, floor, curve, result))
             print(
                 f"[{neck}, seed {seed}] box AP {result['bbox_AP']:.3f} (untrained {floor:.3f}): {minutes:.1f} min "

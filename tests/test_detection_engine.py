@@ -47,9 +47,13 @@ def _overrides(root: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _records(run_dir: Path, kind: str) -> list[dict]:
-    """Records of ``kind`` in the run's metrics.jsonl, without their wall-clock ``time``."""
+    """Records of ``kind`` in the run's metrics.jsonl, without their wall-clock ``time`` and speed."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in r.items() if k != "time"} for r in map(json.loads, lines) if r["kind"] == kind]
+    return [
+        {k: v for k, v in r.items() if k not in ("time", "img_per_s")}
+        for r in map(json.loads, lines)
+        if r["kind"] == kind
+    ]
 
 
 def test_flips_depend_on_seed_epoch_and_index_only(det_data):
@@ -79,7 +83,7 @@ def test_interrupted_run_resumes_exactly(det_data, tmp_path, monkeypatch):
     from dsnet.engine import checkpoint
 
     extra = ("model.arch=maskrcnn", "sched.epochs=2", "train.ckpt_interval=2", "train.name=r")
-    whole = train(load_detection_config(None, _overrides(det_data, tmp_path / "whole", *extra)))
+    whole = train(load_detection_config(None, _overrides(det_data, tmp_path / "whole", *extra)))  # the run folder
 
     original = checkpoint.save_checkpoint
 
@@ -96,11 +100,11 @@ def test_interrupted_run_resumes_exactly(det_data, tmp_path, monkeypatch):
     assert [r["update"] for r in _records(cut, "step")] == [1, 2, 3, 4]
     assert main(["detect", "train", "--resume", str(cut)]) == 0
 
-    a = load_file(Path(whole["run_dir"]) / "checkpoints" / "last.safetensors")
+    a = load_file(whole / "checkpoints" / "last.safetensors")
     b = load_file(cut / "checkpoints" / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _records(cut, "step") == _records(Path(whole["run_dir"]), "step")
-    assert _records(cut, "eval") == _records(Path(whole["run_dir"]), "eval")
+    assert _records(cut, "step") == _records(whole, "step")
+    assert _records(cut, "epoch") == _records(whole, "epoch")
     # the schedule: linear warm-up over 2 updates, then x0.1 at the milestones (8/12, 11/12 of 6 updates)
     lrs = [r["lr"] for r in _records(cut, "step")]
     lr = load_detection_config(None).optim.lr
@@ -114,9 +118,10 @@ def test_amp_bf16_on_cpu_trains_and_fp16_is_refused(det_data, tmp_path):
     """
     sizes = ("model.min_size=128", "model.max_size=128")
     cfg = load_detection_config(None, _overrides(det_data, tmp_path, "sched.epochs=1", "train.amp=bf16", *sizes))
-    summary = train(cfg)
+    run_dir = train(cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["amp"] == "torch.bfloat16" and 0.0 <= summary["bbox_AP"] <= 1.0
-    steps = _records(Path(summary["run_dir"]), "step")
+    steps = _records(run_dir, "step")
     assert len(steps) == 3 and all(r["loss"] == r["loss"] and r["loss"] > 0 for r in steps)  # finite, not NaN
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         train(load_detection_config(None, _overrides(det_data, tmp_path, "train.amp=fp16")))
@@ -124,12 +129,12 @@ def test_amp_bf16_on_cpu_trains_and_fp16_is_refused(det_data, tmp_path):
 
 def test_global_batch_must_split_over_processes(det_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")  # what torchrun would set; the check comes before joining a group
-    from dsnet.detection import engine
-    from dsnet.engine.distributed import DistInfo
+    from dsnet.engine.fit import micro_batch
 
-    cfg = load_detection_config(None, _overrides(det_data, tmp_path))
-    with pytest.raises(ValueError, match=r"train\.batch_size=4 must be divisible by the 3 processes"):
-        engine._train(cfg, DistInfo(0, 0, 3), torch.device("cpu"), None)
+    cfg = load_detection_config(None, _overrides(det_data, tmp_path, "train.accum_steps=2"))
+    assert micro_batch(cfg.train, 2) == 1
+    with pytest.raises(ValueError, match=r"train\.batch_size=4 must be divisible by processes × accum_steps = 3 × 2"):
+        micro_batch(cfg.train, 3)
 
 
 def _torchrun(nproc: int, root: Path, out: Path) -> dict:
@@ -154,18 +159,26 @@ def _torchrun(nproc: int, root: Path, out: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_torchrun_two_processes_match_one(det_data, tmp_path):
-    """Tolerance as in tests/test_engine_distributed.py: float32 reduction order, amplified by AdamW, stays below
-    1e-4 over 6 updates, while a batch split wrongly (a sample missing or seen twice) moves weights by ~lr = 1e-3."""
+    """Two processes train the same weights as one, up to float32 reduction order.
+
+    AdamW divides each gradient by its own running magnitude, so an element whose gradient is close to zero can move
+    by ~lr = 1e-3 in either direction on a change in the last bit of a sum: the largest difference says nothing
+    (1.5e-3 was measured on an AVX-512 machine). What a wrong split (a sample missing or seen twice) does is move
+    nearly every weight; reduction order moves a handful (0.02 % of the elements by more than lr / 10 in that run).
+    """
     one = _torchrun(1, det_data, tmp_path / "one")
     two = _torchrun(2, det_data, tmp_path / "two")
     assert "2 process(es)" in two["log"] and two["log"].count("run folder:") == 1  # rank 0 prints alone
     assert one["summary"]["updates"] == two["summary"]["updates"] == 6 and two["summary"]["processes"] == 2
     w1 = load_file(one["dir"] / "checkpoints" / "last.safetensors")
     w2 = load_file(two["dir"] / "checkpoints" / "last.safetensors")
-    diff = max((w1[k].float() - w2[k].float()).abs().max().item() for k in w1)
-    assert diff <= 1e-4, diff
+    moved = sum(int(((w1[k].float() - w2[k].float()).abs() > 1e-4).sum()) for k in w1)
+    total = sum(w1[k].numel() for k in w1)
+    assert moved / total < 1e-3, f"{moved} of {total} weights differ by more than lr / 10"
     losses = [[r["loss"] for r in _records(run["dir"], "step")] for run in (one, two)]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4)  # logged losses are averaged over the ranks
+    # logged losses are averaged over the ranks; at lr 1e-3 they grow into the thousands by update 5, where the weight
+    # differences above show as 3e-4 of the loss (measured), while another batch changes a loss by whole percents
+    assert losses[0] == pytest.approx(losses[1], rel=2e-3)
 
 
 class _OracleDetector(nn.Module):

@@ -15,9 +15,9 @@ Several processes (DDP; gloo on CPU, nccl on CUDA; ``train.batch_size`` is the g
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from pathlib import Path
 
 from dsnet.cli._run_config import add_config_arguments, config_from_args, print_config
 from dsnet.cli.main import positive_int
@@ -42,9 +42,9 @@ def _train(args: argparse.Namespace) -> int:
     if cfg is not None and args.print_config:
         print_config(cfg)
         return 0
-    result = train(cfg, resume=args.resume)
+    run_dir = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(strict_json(result, indent=2))
+        print(strict_json(json.loads((run_dir / "summary.json").read_text()), indent=2))
     return 0
 
 
@@ -62,41 +62,17 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from dsnet.data.images import ImageLoadError, load_image
-    from dsnet.detection.engine import draw_predictions, load_model
+    from dsnet.detection.engine import predict_files
     from dsnet.engine.inference import collect_images
 
-    model, _, classes = load_model(args.run, args.tag)
-    # let the detector keep everything the drawing threshold asks for
-    if hasattr(model, "score_thresh"):
-        model.score_thresh = min(model.score_thresh, args.score_thresh)  # RetinaNet
-    if hasattr(model, "roi_heads"):
-        model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, args.score_thresh)  # Mask R-CNN
     images = collect_images(args.images)
-    out = Path(args.out)
-    if len(images) > 1:
-        out.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    for path in images:
-        try:
-            array = np.asarray(load_image(path, "RGB"), dtype=np.uint8).copy()
-        except ImageLoadError as err:  # a per-file error, like `dsnet predict`
-            print(f"dsnet: warning: {err}", file=sys.stderr)
-            failed += 1
-            continue
-        image = torch.from_numpy(array).permute(2, 0, 1).float() / 255  # (3, H, W)
-        with torch.no_grad():
-            output = model([image])[0]
-        drawn = draw_predictions(image, output, classes, args.score_thresh)
-        target = out / f"{path.stem}_pred.png" if len(images) > 1 else out
-        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target)
-        kept = int((output["scores"] >= args.score_thresh).sum())
-        print(f"{path}: {kept} objects with score >= {args.score_thresh} -> {target}")
-    return 1 if failed else 0
+    results = predict_files(args.run, images, args.out, tag=args.tag, score_thresh=args.score_thresh)
+    for r in results:
+        if r.error:  # a per-file error, like `dsnet predict`
+            print(f"dsnet: warning: {r.error}", file=sys.stderr)
+        else:
+            print(f"{r.path}: {r.objects} objects with score >= {args.score_thresh} -> {r.output}")
+    return 1 if any(r.error for r in results) else 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,17 +1,12 @@
-"""Detection runs: typed config, a thin train loop over torchvision's detectors, COCO evaluation, prediction drawings.
+"""Detection as a :class:`~dsnet.engine.fit.Task`: typed config, torchvision's detectors, COCO evaluation, drawings.
 
-A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object per logged step and
-per evaluation, ``kind`` = ``"step"`` / ``"eval"``, through :class:`dsnet.engine.report.MetricsLog`)
-and ``checkpoints/`` (``last``/``best`` written atomically by :mod:`dsnet.engine.checkpoint`).
-``resume`` continues a run exactly from ``checkpoints/last`` (weights, optimizer, schedule, data position).
-
-The loop shares the classification engine's machinery: :class:`~dsnet.data.datasets.ShardedEpochSampler` (data order
-a function of ``(seed, epoch)``, a global batch split over the ranks, restart at any update), per-sample flip seeds,
-``torchrun`` DDP (gloo on CPU, nccl on CUDA) with sharded evaluation, ``train.amp`` autocast, timm's optimizer and
-step schedule, atomic checkpoints. The config speaks the classification vocabulary (``train.batch_size``,
-``train.amp``, ``train.seed``, ``sched.epochs``, ``data.max_train_samples``...); the keys of earlier versions
-(``run.*``, ``data.batch_size``, ``optim.epochs``, ``data.max_train_images``) are still read, with a warning that
-names the new key (:data:`RENAMED_KEYS`).
+Training is the one loop, :func:`dsnet.engine.fit.fit`, the classification runs' own: the same run folder
+(``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``curves.png``, ``summary.json``), exact resume from
+``checkpoints/last``, torchrun DDP (gloo on CPU, nccl on CUDA) with sharded evaluation, ``train.amp`` autocast,
+gradient accumulation, EMA, atomic checkpoints. The config speaks the same vocabulary (the whole ``train`` section,
+``sched.epochs``/``updates``/``minutes``, ``data.max_train_samples``...); the keys of earlier versions (``run.*``,
+``data.batch_size``, ``optim.epochs``, ``data.max_train_images``) are still read, with a warning that names the new
+key (:data:`RENAMED_KEYS`).
 
 Several processes::
 
@@ -28,56 +23,50 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
-import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from dsnet._io import atomic_write_json, atomic_write_text, check_writable_folder
 from dsnet.data.datasets import ShardedEpochSampler
 from dsnet.detection import builders
 from dsnet.detection.data import CocoDetection, collate, split_paths
 from dsnet.detection.metrics import coco_evaluate, coco_from_dict, to_coco_results
-from dsnet.engine import checkpoint as ckpt
 from dsnet.engine.checkpoint import load_weights, resolve_checkpoint, resolve_run
 from dsnet.engine.config import (
+    LOOP_RANGES,
     NON_NEGATIVE,
     POSITIVE,
     POSITIVE_INT,
     PROBABILITY,
     Bound,
+    TrainConfig,
+    check_loop_rules,
     check_ranges,
     load_typed_config,
     model_min_input,
 )
-from dsnet.engine.distributed import (
-    all_gather_objects,
-    all_reduce_sum,
-    barrier,
-    broadcast_object,
-    cleanup,
-    init_distributed,
-    rank_and_world,
-)
-from dsnet.engine.report import MetricsLog, Progress, format_metric
-from dsnet.engine.runtime import autocast_context, check_finite_loss, resolve_amp, seed_update, set_threads
-from dsnet.engine.trainer import make_run_dir
+from dsnet.engine.distributed import all_gather_objects, broadcast_object, rank_and_world
+from dsnet.engine.fit import FitContext, StepLoss, fit
+from dsnet.engine.report import Progress, format_metric
+from dsnet.engine.runtime import autocast_context
 from dsnet.errors import DSNetError
 
 __all__ = [
     "RENAMED_KEYS",
     "DetectionConfig",
+    "DetectionPrediction",
+    "DetectionTask",
     "build_model",
     "draw_predictions",
     "evaluate",
     "load_detection_config",
     "load_model",
+    "predict_files",
     "train",
 ]
 
@@ -137,24 +126,17 @@ class DetSchedConfig:
     """Length of training (the warm-up and the step decay are in ``optim``)."""
 
     epochs: int = 12
+    updates: int | None = None  # total optimizer updates instead (the last epoch may be partial)
+    minutes: float | None = None  # train this long instead (evaluation excluded): dsnet.engine.budget
 
 
 @dataclass
-class DetTrainConfig:
-    """Loop, batch, precision, device, logs, outputs (the keys of classification's ``train`` section)."""
+class DetTrainConfig(TrainConfig):
+    """The loop: classification's ``train`` section (:class:`~dsnet.engine.config.TrainConfig`), with a detector's
+    defaults: a global batch of 8 images, step records every 20 updates."""
 
-    batch_size: int = 8  # GLOBAL images per optimizer update (split over the torchrun processes)
-    seed: int = 0  # initialisation, data order, flips, the detectors' own samplers
-    device: str = "auto"  # "auto" (cuda:<local rank> if available, else cpu), "cpu", "cuda", ...
-    amp: str = "auto"  # "auto" (bf16 on cuda with bf16, else off), "native" (also bf16 on CPUs with AVX512-BF16/AMX),
-    # "none", "bf16", "fp16" (cuda); see dsnet.engine.runtime.resolve_amp
-    threads: int | None = None  # torch CPU threads per process; None: dsnet.engine.runtime.auto_threads
-    output_dir: str = "runs"
-    name: str | None = None  # run name; the folder is <name>-<timestamp>; None: "<arch>-<backbone>-<neck>"
-    log_interval: int = 20  # updates between step records
-    ckpt_interval: int = 0  # also checkpoint "last" every N updates (mid-epoch); 0: per epoch only
-    eval_interval: int = 1  # epochs between evaluations (and after the last)
-    progress: bool = True  # progress bars (rank 0)
+    batch_size: int = 8
+    log_interval: int = 20
 
 
 @dataclass
@@ -165,7 +147,7 @@ class DetectionConfig:
     data: DetDataConfig = field(default_factory=DetDataConfig)
     optim: DetOptimConfig = field(default_factory=DetOptimConfig)
     sched: DetSchedConfig = field(default_factory=DetSchedConfig)
-    train: DetTrainConfig = field(default_factory=DetTrainConfig)
+    train: TrainConfig = field(default_factory=DetTrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -243,18 +225,13 @@ DETECTION_RANGES: dict[str, Bound] = {
     "optim.warmup_ratio": Bound(0, 1, low_open=True),
     "optim.decay_at": Bound(0, 1, low_open=True, high_open=True),
     "optim.clip_grad": POSITIVE,
-    "sched.epochs": POSITIVE_INT,
-    "train.batch_size": POSITIVE_INT,
-    "train.seed": NON_NEGATIVE,
-    "train.threads": POSITIVE_INT,
-    "train.log_interval": POSITIVE_INT,
-    "train.ckpt_interval": NON_NEGATIVE,
-    "train.eval_interval": POSITIVE_INT,
+    **LOOP_RANGES,
 }
 
 
 def _check_detection(cfg: DetectionConfig, where: str) -> None:
     check_ranges(cfg, DETECTION_RANGES, where)
+    check_loop_rules(cfg, where)
     if cfg.model.max_size < cfg.model.min_size:
         raise DSNetError(f"{where}: model.max_size={cfg.model.max_size} is below model.min_size={cfg.model.min_size}")
     min_input = model_min_input(cfg.model.backbone)
@@ -288,16 +265,6 @@ def build_model(cfg: DetModelConfig, num_classes: int) -> nn.Module:
     )
 
 
-def _datasets(cfg: DetectionConfig) -> tuple[Any, Any]:
-
-    masks = cfg.model.arch == "maskrcnn"
-    train_set = CocoDetection(
-        *split_paths(cfg.data.root, cfg.data.train_split), masks=masks, hflip=cfg.data.hflip, seed=cfg.train.seed
-    )
-    val_set = CocoDetection(*split_paths(cfg.data.root, cfg.data.val_split), masks=masks)
-    return train_set, val_set
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -308,6 +275,7 @@ def evaluate(
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
+    desc: str = "eval",
 ) -> dict[str, float]:
     """COCO box (and, for Mask R-CNN, mask) metrics of ``model`` on a :class:`~dsnet.detection.data.CocoDetection`.
 
@@ -324,7 +292,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     results = []
-    bar = Progress(count, "eval", enabled=progress and rank == 0)
+    bar = Progress(count, desc, enabled=progress and rank == 0)
     for images, targets in loader:
         with autocast_context(device, amp_dtype):
             outputs = model([im.to(device) for im in images])
@@ -353,212 +321,119 @@ def evaluate(
     return broadcast_object(metrics)  # type: ignore[return-value]
 
 
-def _build_scheduler(optimizer: torch.optim.Optimizer, total_updates: int, cfg: DetOptimConfig) -> Any:
-    from timm.scheduler import MultiStepLRScheduler
+class DetectionTask:
+    """Object detection (and instance segmentation) for :func:`dsnet.engine.fit.fit`: torchvision's RetinaNet or
+    Mask R-CNN on a timm backbone, COCO-format data, COCO evaluation; "best" is the highest box AP."""
 
-    return MultiStepLRScheduler(
-        optimizer,
-        decay_t=[int(f * total_updates) for f in cfg.decay_at],
-        decay_rate=0.1,
-        warmup_t=cfg.warmup_iters,
-        warmup_lr_init=cfg.lr * cfg.warmup_ratio,
-        warmup_prefix=False,  # milestones count from the first update, warm-up included
-        t_in_epochs=False,
-    )
+    score_key = "bbox_AP"
+    nonfinite_advice = "lower optim.lr, keep optim.clip_grad set, or use train.amp=none"
 
+    def __init__(self, cfg: DetectionConfig) -> None:
+        self.cfg = cfg
+        m = cfg.model
+        self.title = f"{m.arch} + {m.backbone} + {m.neck}"
+        self.default_name = f"{m.arch}-{m.backbone}-{m.neck}"
+        self.classes: list[str] = []
+        self.num_train = self.num_val = 0
 
-def train(cfg: DetectionConfig | None = None, *, resume: str | Path | None = None) -> dict[str, Any]:
-    """Train and evaluate the detector of ``cfg`` (or continue the run folder ``resume`` with its saved config).
-
-    Returns the last evaluation's metrics plus ``run_dir``; the run folder also gets ``summary.json``.
-    One process, or one of several started by ``torchrun`` (DDP).
-    """
-    cfg, resume_dir = resolve_run(cfg, resume, load_detection_config)
-    dist_info, device = init_distributed(cfg.train.device, key="train.device")
-    try:
-        return _train(cfg, dist_info, device, resume_dir)
-    finally:
-        cleanup()
-
-
-def _train(cfg: DetectionConfig, dist_info: Any, device: torch.device, resume_dir: Path | None) -> dict[str, Any]:
-    from timm.optim import create_optimizer_v2
-    from torch.utils.data import DataLoader
-
-    r, main, world = cfg.train, dist_info.is_main, dist_info.world_size
-    set_threads(r.threads, device)
-    amp_dtype = resolve_amp(r.amp, device, key="train.amp")
-    if r.batch_size % world:
-        raise DSNetError(f"train.batch_size={r.batch_size} must be divisible by the {world} processes")
-    micro = r.batch_size // world
-    if resume_dir is None and main:
-        check_writable_folder(r.output_dir, f"train.output_dir={r.output_dir}")
-    train_set, val_set = _datasets(cfg)
-    n_train = len(train_set) if cfg.data.max_train_samples is None else min(cfg.data.max_train_samples, len(train_set))
-    sampler = ShardedEpochSampler(n_train, r.batch_size, rank=dist_info.rank, world_size=world, seed=r.seed)
-    total = cfg.sched.epochs * sampler.updates_per_epoch
-
-    torch.manual_seed(r.seed)
-    model = build_model(cfg.model, train_set.num_classes).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = create_optimizer_v2(model, "adamw", lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    scheduler = _build_scheduler(optimizer, total, cfg.optim)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    start_epoch, start_in_epoch, update, best = 0, 0, 0, -math.inf
-    train_seconds = 0.0
-    point = None
-    if resume_dir is not None:
-        point = ckpt.load_resume_point(resume_dir / "checkpoints", log=print if main else None)
-        if point is None and main:
-            print(f"{resume_dir} has no checkpoint yet (stopped before its first save): starting it from the beginning")
-        run_dir = resume_dir
-    else:
-        default_name = f"{cfg.model.arch}-{cfg.model.backbone}-{cfg.model.neck}"
-        run_dir = make_run_dir(r.output_dir, r.name or default_name, dist_info)
-    if point is not None:
-        model.load_state_dict(point.weights)
-        state = ckpt.restore_training_state(point.state, optimizer, scheduler, scaler)
-        start_epoch, start_in_epoch, update = state["epoch"], state["update_in_epoch"], state["update"]
-        best, train_seconds = state["best"], state["train_seconds"]
-    ckpt_dir = run_dir / "checkpoints"
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
-    if main:
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        log.truncate_after(update)  # a resumed run rewrites what came after its last checkpoint
-        n_params = sum(p.numel() for p in model.parameters())
-        print(
-            f"run folder: {run_dir}\n{cfg.model.arch} + {cfg.model.backbone} + {cfg.model.neck}: "
-            f"{n_params / 1e6:.2f}M params, {train_set.num_classes - 1} classes, {n_train} train / {len(val_set)} val "
-            f"images, {world} process(es) on {device} ({torch.get_num_threads()} thread(s) each), global batch "
-            f"{r.batch_size}, {sampler.updates_per_epoch} updates/epoch, amp {amp_dtype or 'off'}",
-            flush=True,
+    def setup(self, ctx: FitContext) -> None:
+        d, masks = self.cfg.data, self.cfg.model.arch == "maskrcnn"
+        self.ctx = ctx
+        self.train_set = CocoDetection(
+            *split_paths(d.root, d.train_split), masks=masks, hflip=d.hflip, seed=self.cfg.train.seed
         )
-    train_model: nn.Module = model
-    if dist_info.distributed:
-        from torch.nn.parallel import DistributedDataParallel
+        self.val_set = CocoDetection(*split_paths(d.root, d.val_split), masks=masks)
+        self.classes = list(self.train_set.categories)
+        limit = d.max_train_samples
+        self.num_train = len(self.train_set) if limit is None else min(limit, len(self.train_set))
+        limit = d.max_val_samples
+        self.num_val = len(self.val_set) if limit is None else min(limit, len(self.val_set))
 
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    metadata = {"arch": cfg.model.arch, "backbone": cfg.model.backbone, "classes": train_set.categories}
+    def build_model(self) -> nn.Module:
+        return build_model(self.cfg.model, self.train_set.num_classes)
 
-    def save(tag: str, epoch: int, update_in_epoch: int, with_state: bool) -> None:
-        if main:
-            state = None
-            if with_state:
-                state = ckpt.capture_training_state(
-                    optimizer,
-                    scheduler,
-                    scaler,
-                    epoch=epoch,
-                    update_in_epoch=update_in_epoch,
-                    update=update,
-                    best=best,
-                    train_seconds=train_seconds,
-                )
-            ckpt.save_checkpoint(
-                ckpt_dir, tag, model, training_state=state, metadata={**metadata, "epoch": epoch, "update": update}
-            )
-        barrier()
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        from timm.optim import create_optimizer_v2
 
-    metrics: dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg.sched.epochs):
-        first = start_in_epoch if epoch == start_epoch else 0
-        sampler.set_epoch(epoch, first)
-        loader = DataLoader(
-            train_set,
-            batch_size=micro,
+        o = self.cfg.optim
+        return create_optimizer_v2(model, "adamw", lr=o.lr, weight_decay=o.weight_decay)
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, total_updates: int, updates_per_epoch: int) -> Any:
+        from timm.scheduler import MultiStepLRScheduler
+
+        o = self.cfg.optim
+        return MultiStepLRScheduler(
+            optimizer,
+            decay_t=[int(f * total_updates) for f in o.decay_at],
+            decay_rate=0.1,
+            warmup_t=o.warmup_iters,
+            warmup_lr_init=o.lr * o.warmup_ratio,
+            warmup_prefix=False,  # milestones count from the first update, warm-up included
+            t_in_epochs=False,
+        )
+
+    def train_batches(self, sampler: ShardedEpochSampler) -> Iterable[Any]:
+        from torch.utils.data import DataLoader
+
+        return DataLoader(
+            self.train_set,
+            batch_size=self.ctx.micro,
             sampler=sampler,
             collate_fn=collate,
-            num_workers=cfg.data.workers,
-            pin_memory=device.type == "cuda",
+            num_workers=self.cfg.data.workers,
+            pin_memory=self.ctx.device.type == "cuda",
         )
-        bar = Progress(
-            (sampler.updates_per_epoch - first) * r.batch_size,
-            f"epoch {epoch + 1}/{cfg.sched.epochs}",
-            enabled=r.progress and main,
+
+    def forward_loss(self, model: nn.Module, batch: Any) -> StepLoss:
+        device = self.ctx.device
+        images = [im.to(device, non_blocking=True) for im in batch[0]]
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch[1]]
+        if self.cfg.train.channels_last:
+            images = [im.contiguous(memory_format=torch.channels_last) for im in images]
+        parts = {k: v.float() for k, v in model(images, targets).items()}
+        return StepLoss(sum(parts.values()), len(images), parts={k: v.detach() for k, v in parts.items()})
+
+    def evaluate(self, model: nn.Module, desc: str) -> dict[str, float | None]:
+        return evaluate(
+            model,
+            self.val_set,
+            batch_size=self.ctx.micro,
+            limit=self.cfg.data.max_val_samples,
+            device=self.ctx.device,
+            amp_dtype=self.ctx.amp_dtype,
+            progress=self.ctx.progress,
+            desc=desc,
         )
-        train_model.train()
-        update_in_epoch, tic = first, time.perf_counter()
-        for images, targets in loader:
-            seed_update(r.seed, update, dist_info.rank)  # the detectors' box samplers
-            images = [im.to(device, non_blocking=True) for im in images]
-            targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-            with autocast_context(device, amp_dtype):
-                losses = train_model(images, targets)
-            losses = {k: v.float() for k, v in losses.items()}
-            loss = sum(losses.values())
-            check_finite_loss(
-                loss,
-                epoch=epoch,
-                update=update,
-                lr=optimizer.param_groups[0]["lr"],
-                advice="lower optim.lr, keep optim.clip_grad set, or use train.amp=none",
-                world_size=world,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.optim.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            update += 1
-            update_in_epoch += 1
-            scheduler.step_update(num_updates=update)
-            bar.update(r.batch_size, loss=loss.item())
-            if update % r.log_interval == 0:
-                names = sorted(losses)
-                values = all_reduce_sum(torch.stack([losses[k].detach().cpu().double() for k in names])) / world
-                record = {k: round(float(v), 5) for k, v in zip(names, values)}
-                log.write(
-                    "step",
-                    epoch=epoch + 1,
-                    update=update,
-                    lr=optimizer.param_groups[0]["lr"],
-                    loss=round(float(values.sum()), 5),
-                    **record,
-                )
-            if r.ckpt_interval and update % r.ckpt_interval == 0 and update_in_epoch < sampler.updates_per_epoch:
-                train_seconds += time.perf_counter() - tic
-                save("last", epoch, update_in_epoch, with_state=True)
-                tic = time.perf_counter()
-        train_seconds += time.perf_counter() - tic
-        bar.close()
-        if (epoch + 1) % r.eval_interval == 0 or epoch + 1 == cfg.sched.epochs:
-            metrics = evaluate(
-                model,
-                val_set,
-                batch_size=micro,
-                limit=cfg.data.max_val_samples,
-                device=device,
-                amp_dtype=amp_dtype,
-                progress=r.progress,
-            )
-            log.write("eval", epoch=epoch + 1, update=update, **metrics)
-            if main and r.progress:
-                print(
-                    f"epoch {epoch + 1}: " + " ".join(f"{k}={format_metric(v)}" for k, v in metrics.items()), flush=True
-                )
-            if metrics["bbox_AP"] > best:
-                best = metrics["bbox_AP"]
-                save("best", epoch + 1, 0, with_state=False)
-        save("last", epoch + 1, 0, with_state=True)
-    summary = {
-        **metrics,
-        "best_bbox_AP": best if math.isfinite(best) else None,
-        "epochs": cfg.sched.epochs,
-        "updates": update,
-        "global_batch": r.batch_size,
-        "processes": world,
-        "device": str(device),
-        "amp": str(amp_dtype) if amp_dtype else "off",
-        "train_seconds": train_seconds,
-        "run_dir": str(run_dir),
-    }
-    if main:
-        atomic_write_json(run_dir / "summary.json", summary)
-    barrier()
-    return summary
+
+    def record(self, result: dict[str, float | None]) -> dict[str, Any]:
+        return dict(result)
+
+    def describe(self, record: dict[str, Any]) -> str:
+        return " ".join(f"{k}={format_metric(v)}" for k, v in record.items())
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        return {"arch": self.cfg.model.arch, "backbone": self.cfg.model.backbone}
+
+    def summary(self, final: dict[str, Any], final_ema: dict[str, Any] | None) -> dict[str, Any]:
+        return {
+            **final,
+            "final_ema": final_ema,
+            "model": self.title,
+            "data": self.cfg.data.root,
+        }
+
+    def draw(self, run_dir: Path, records: list[dict[str, Any]], final: dict[str, Any]) -> None:
+        """Nothing beyond the loop's ``curves.png`` (``dsnet detect predict`` draws the boxes)."""
+
+
+def train(cfg: DetectionConfig | None = None, *, resume: str | Path | None = None) -> Path:
+    """Train and evaluate the detector of ``cfg`` (or continue the run folder ``resume`` with its saved config).
+
+    Returns the run folder; its ``summary.json`` holds the last evaluation's metrics (see
+    :func:`dsnet.engine.fit.fit`). One process, or one of several started by ``torchrun`` (DDP).
+    """
+    cfg, resume_dir = resolve_run(cfg, resume, load_detection_config)
+    return fit(DetectionTask(cfg), resume_dir=resume_dir)
 
 
 def load_model(run_dir: str | Path, tag: str = "best") -> tuple[nn.Module, DetectionConfig, list[str]]:
@@ -593,3 +468,58 @@ def draw_predictions(
     if keep.any():
         canvas = draw_bounding_boxes(canvas, output["boxes"][keep], labels=labels, colors="yellow", width=1)
     return canvas
+
+
+@dataclass
+class DetectionPrediction:
+    """What :func:`predict_files` did with one image."""
+
+    path: str
+    output: str | None = None  # the drawing written
+    objects: int = 0  # detections kept (score >= the threshold)
+    error: str | None = None  # why the image could not be read (nothing else was done)
+
+
+def predict_files(
+    run_dir: str | Path,
+    images: list[Path],
+    out: str | Path,
+    *,
+    tag: str = "best",
+    score_thresh: float = 0.5,
+) -> list[DetectionPrediction]:
+    """Detect objects in ``images`` with the run's ``tag`` checkpoint and draw them.
+
+    One image: the drawing is written to ``out``; several: to ``out/<stem>_pred.png``. An unreadable image (or a
+    decompression bomb) is a per-file error in its :class:`DetectionPrediction`, never an exception.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from dsnet.data.images import ImageLoadError, load_image
+
+    model, _, classes = load_model(run_dir, tag)
+    # let the detector keep everything the drawing threshold asks for
+    if hasattr(model, "score_thresh"):
+        model.score_thresh = min(model.score_thresh, score_thresh)  # RetinaNet
+    if hasattr(model, "roi_heads"):
+        model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, score_thresh)  # Mask R-CNN
+    out = Path(out)
+    if len(images) > 1:
+        out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path in images:
+        try:
+            array = np.asarray(load_image(path, "RGB"), dtype=np.uint8).copy()
+        except ImageLoadError as err:
+            results.append(DetectionPrediction(str(path), error=str(err)))
+            continue
+        image = torch.from_numpy(array).permute(2, 0, 1).float() / 255  # (3, H, W)
+        with torch.no_grad():
+            output = model([image])[0]
+        drawn = draw_predictions(image, output, classes, score_thresh)
+        target = out / f"{path.stem}_pred.png" if len(images) > 1 else out
+        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target)
+        kept = int((output["scores"] >= score_thresh).sum())
+        results.append(DetectionPrediction(str(path), str(target), kept))
+    return results

@@ -33,6 +33,7 @@ from dsnet.models.dsnet import MIN_INPUT_SIZE
 
 __all__ = [
     "FLAT_KEYS",
+    "LOOP_RANGES",
     "RUN_RANGES",
     "Bound",
     "DataConfig",
@@ -41,6 +42,7 @@ __all__ = [
     "RunConfig",
     "SchedConfig",
     "TrainConfig",
+    "check_loop_rules",
     "check_ranges",
     "coerce_value",
     "load_config",
@@ -127,7 +129,7 @@ class SchedConfig:
 
 @dataclass
 class TrainConfig:
-    """The loop: batch, precision, devices, checkpoints and logs."""
+    """The loop: batch, precision, devices, checkpoints and logs (the same keys for every task)."""
 
     batch_size: int = 1024  # GLOBAL batch per optimizer update (summed over ranks and accumulation steps)
     accum_steps: int = 1  # micro-batches accumulated per optimizer update
@@ -146,6 +148,8 @@ class TrainConfig:
     ckpt_interval: int = 0  # also checkpoint "last" every N optimizer updates (mid-epoch); 0: per epoch only
     eval_interval: int = 1  # evaluate every N epochs (and always after the last)
     max_bad_files: int | None = None  # abort when more unreadable images were skipped; None: never
+    progress: bool = True  # progress bars (rank 0)
+    sync_bn: bool = False  # BatchNorm statistics over all processes (torch's SyncBatchNorm; CUDA, several processes)
 
 
 @dataclass
@@ -294,20 +298,33 @@ def model_min_input(name: str) -> int:
     return int(min(min_size[1:])) if min_size else 1
 
 
-def _check_run(cfg: RunConfig, where: str) -> None:
-    """Range checks of :data:`RUN_RANGES`, then the rules between fields."""
-    check_ranges(cfg, RUN_RANGES, where)
-    t, d = cfg.train, cfg.data
+#: The ranges of the keys every task shares (the ``train`` section and the schedule's length).
+LOOP_RANGES: dict[str, Bound] = {
+    k: v
+    for k, v in RUN_RANGES.items()
+    if k.startswith("train.") or k in ("sched.epochs", "sched.updates", "sched.minutes")
+}
+
+
+def check_loop_rules(cfg: Any, where: str) -> None:
+    """The rules between the loop's keys, for any task's config (sections ``train`` and ``sched``)."""
+    t, s = cfg.train, cfg.sched
     if t.batch_size % t.accum_steps:
         raise DSNetError(
             f"{where}: train.accum_steps={t.accum_steps} must divide train.batch_size={t.batch_size} "
             "(the global batch is split into equal micro-batches)"
         )
-    if cfg.sched.minutes is not None and cfg.sched.updates is not None:
+    if s.minutes is not None and s.updates is not None:
         raise DSNetError(
-            f"{where}: sched.minutes={cfg.sched.minutes} and sched.updates={cfg.sched.updates} both set the "
-            "schedule's length; keep one"
+            f"{where}: sched.minutes={s.minutes} and sched.updates={s.updates} both set the schedule's length; keep one"
         )
+
+
+def _check_run(cfg: RunConfig, where: str) -> None:
+    """Range checks of :data:`RUN_RANGES`, then the rules between fields."""
+    check_ranges(cfg, RUN_RANGES, where)
+    check_loop_rules(cfg, where)
+    d = cfg.data
     for key in ("scale", "ratio"):
         low, high = getattr(d, key)
         if low > high:

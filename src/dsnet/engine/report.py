@@ -94,25 +94,25 @@ class Progress:
             self.bar.close()
 
 
-def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> None:
-    """``curves.png``: training loss and learning rate per update, evaluation accuracy per epoch."""
+def plot_curves(records: Sequence[dict[str, Any]], path: Path, score: str = "top1") -> None:
+    """``curves.png``: training loss and learning rate per update, the evaluation ``score`` per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r for r in records if r.get("kind") == "step"]
-    evals = [r for r in records if r.get("kind") == "epoch" and r.get("top1") is not None]
+    evals = [r for r in records if r.get("kind") == "epoch" and r.get(score) is not None]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].plot([r["update"] for r in steps], [r["loss"] for r in steps])
     axes[0].set(title="training loss", xlabel="update", ylabel="loss")
     axes[1].plot([r["update"] for r in steps], [r["lr"] for r in steps])
     axes[1].set(title="learning rate", xlabel="update", ylabel="lr")
     epochs = [r["epoch"] for r in evals]
-    axes[2].plot(epochs, [r["top1"] for r in evals], marker="o", label="top-1")
-    if any(r.get("top1_ema") is not None for r in evals):
-        axes[2].plot(epochs, [r.get("top1_ema") for r in evals], marker="o", label="top-1 (EMA)")
-    axes[2].set(title="evaluation accuracy", xlabel="epoch", ylabel="%")
+    axes[2].plot(epochs, [r[score] for r in evals], marker="o", label=score)
+    if any(r.get(f"{score}_ema") is not None for r in evals):
+        axes[2].plot(epochs, [r.get(f"{score}_ema") for r in evals], marker="o", label=f"{score} (EMA)")
+    axes[2].set(title=f"evaluation {score}", xlabel="epoch", ylabel=score)
     axes[2].legend()
     for ax in axes:
         ax.grid(alpha=0.3)
