@@ -60,11 +60,18 @@ def test_internal_value_error_keeps_its_traceback(monkeypatch, tmp_path):
         main(["info"])
 
 
-def test_user_errors_as_dsnet_converts_only_value_errors():
-    from dsnet.cli.main import user_errors_as_dsnet
+def test_runtime_loader_raises_the_user_error_type(tmp_path, capsys):
+    """Bad input to the deploy readers is a DSNetError of their own (no wrapper in the CLI turns ValueErrors into
+    user errors), so ``dsnet predict`` prints one line and exits 2."""
+    from dsnet.deploy.runtime import load_for_inference, read_artefact_info
     from dsnet.errors import DSNetError
 
-    with pytest.raises(DSNetError, match="bad backend"), user_errors_as_dsnet():
-        raise ValueError("bad backend")
-    with pytest.raises(KeyError), user_errors_as_dsnet():
-        raise KeyError("not converted")
+    with pytest.raises(DSNetError, match="unknown backend 'tensorrt'"):
+        load_for_inference(tmp_path / "m.onnx", backend="tensorrt")
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not onnx")
+    (tmp_path / "m.onnx.json").write_text("{not json")
+    with pytest.raises(DSNetError, match="not a dsnet artefact description"):
+        read_artefact_info(model)
+    assert main(["predict", str(model), str(model), "--backend", "torch"]) == 2
+    assert "is an exported artefact: run it with --backend onnxruntime" in capsys.readouterr().err

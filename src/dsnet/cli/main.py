@@ -14,8 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 from dsnet.errors import DSNetError
 
@@ -31,21 +30,6 @@ SUBCOMMANDS: tuple[str, ...] = (
     "detect",
     "viz",
 )
-
-
-@contextmanager
-def user_errors_as_dsnet() -> Iterator[None]:
-    """Treat a ``ValueError`` raised inside the block as a user error (:class:`~dsnet.errors.DSNetError`).
-
-    For calls into :mod:`dsnet.deploy`, whose readers still raise plain ``ValueError`` for bad input (an unknown
-    backend, a missing sidecar); remove once they raise ``DSNetError`` themselves.
-    """
-    try:
-        yield
-    except DSNetError:
-        raise
-    except ValueError as err:
-        raise DSNetError(str(err)) from err
 
 
 def positive_float(text: str) -> float:

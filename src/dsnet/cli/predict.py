@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from dsnet.cli.main import positive_int, user_errors_as_dsnet
+from dsnet.cli.main import positive_int
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,20 +25,18 @@ def run(args: argparse.Namespace) -> int:
             classes = tuple(line.strip() for line in handle if line.strip())
     if args.backend in (None, "torch") and not str(args.checkpoint).lower().endswith((".onnx", ".xml")):
         device = resolve_device(args.device, key="--device")
-        with user_errors_as_dsnet():
-            model, info = load_for_inference(
-                args.checkpoint,
-                backend="torch",
-                fuse=not args.no_fuse,
-                ema=args.ema,
-                tag=args.tag,
-                model_name=args.model,
-                classes=classes,
-                device=device,
-            )
+        model, info = load_for_inference(
+            args.checkpoint,
+            backend="torch",
+            fuse=not args.no_fuse,
+            ema=args.ema,
+            tag=args.tag,
+            model_name=args.model,
+            classes=classes,
+            device=device,
+        )
     else:
-        with user_errors_as_dsnet():
-            model, info = load_for_inference(args.checkpoint, backend=args.backend)
+        model, info = load_for_inference(args.checkpoint, backend=args.backend)
     files = collect_images(args.inputs)
     predictions = predict_files(model, info, files, top_k=args.top_k, batch_size=args.batch_size)
     failed = [p for p in predictions if p.error]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from dsnet.engine.inference import CheckpointInfo
+from dsnet.errors import DSNetError
 
 __all__ = [
     "BACKENDS",
@@ -59,7 +60,7 @@ def read_artefact_info(artefact: str | os.PathLike[str]) -> CheckpointInfo:
 
     Raises:
         FileNotFoundError: no sidecar (the artefact was not written by ``dsnet export``).
-        ValueError: a sidecar that is not the expected JSON.
+        DSNetError: a sidecar that is not the expected JSON.
     """
     path = sidecar_path(artefact)
     if not path.is_file():
@@ -76,7 +77,7 @@ def read_artefact_info(artefact: str | os.PathLike[str]) -> CheckpointInfo:
         values["run_dir"] = Path(values["run_dir"]) if values.get("run_dir") else None
         return CheckpointInfo(**values)
     except (json.JSONDecodeError, TypeError, KeyError) as err:
-        raise ValueError(f"{path}: not a dsnet artefact description ({err})") from None
+        raise DSNetError(f"{path}: not a dsnet artefact description ({err})") from None
 
 
 def guess_backend(source: str | os.PathLike[str]) -> str:
@@ -129,7 +130,7 @@ class OpenVINOModel(_ArtefactModel):
 
         super().__init__(Path(path), num_threads)
         if precision not in ("f32", "bf16"):
-            raise ValueError(f"OpenVINO precision must be f32 or bf16, got {precision!r}")
+            raise DSNetError(f"OpenVINO precision must be f32 or bf16, got {precision!r}")
         config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": self.num_threads}
         self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         self.request = self.compiled.create_infer_request()
@@ -157,23 +158,23 @@ def load_for_inference(
         checkpoint_kwargs: passed to ``load_checkpoint`` for the torch backend (``ema``, ``tag``, ``model_name``, ...).
 
     Raises:
-        ValueError: an unknown backend, or a checkpoint given to a runtime backend (and the reverse).
+        DSNetError: an unknown backend, or a checkpoint given to a runtime backend (and the reverse).
         FileNotFoundError: no such file, or an artefact without its sidecar.
     """
     backend = backend or guess_backend(source)
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise DSNetError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     path = Path(source).expanduser()
     if backend == "torch":
         if path.suffix.lower() in _ARTEFACT_SUFFIXES:
-            raise ValueError(f"{path} is an exported artefact: run it with --backend {guess_backend(path)}")
+            raise DSNetError(f"{path} is an exported artefact: run it with --backend {guess_backend(path)}")
         from dsnet.deploy.fuse import fuse as fuse_model
         from dsnet.engine.inference import load_checkpoint
 
         model, info = load_checkpoint(path, **checkpoint_kwargs)
         return (fuse_model(model) if fuse else model), info
     if path.suffix.lower() not in _ARTEFACT_SUFFIXES:
-        raise ValueError(
+        raise DSNetError(
             f"the {backend} backend runs an exported .onnx or .xml file, got {path}; "
             "make one with `dsnet export RUN OUT.onnx` (or OUT.xml), or use --backend torch"
         )
@@ -182,6 +183,6 @@ def load_for_inference(
     info = read_artefact_info(path)
     if backend == "onnxruntime":
         if path.suffix.lower() != ".onnx":
-            raise ValueError(f"onnxruntime runs .onnx files, got {path}; use --backend openvino for OpenVINO IR")
+            raise DSNetError(f"onnxruntime runs .onnx files, got {path}; use --backend openvino for OpenVINO IR")
         return OnnxRuntimeModel(path, num_threads).eval(), info
     return OpenVINOModel(path, num_threads).eval(), info
