@@ -11,8 +11,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
   .venv/bin/python -m pip install --quiet --upgrade pip
 fi
-echo "[setup] installing dsnet (editable) with extras export, deploy, serve, convert, detection, viz, dev"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[export,deploy,serve,convert,detection,viz,dev]"
+echo "[setup] installing dsnet (editable) with extras export, deploy, serve, data, convert, detection, viz, dev"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[export,deploy,serve,data,convert,detection,viz,dev]"
 
 if [ "${1:-}" = "--with-data" ]; then
   if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then

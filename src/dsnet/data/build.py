@@ -22,7 +22,7 @@ from dsnet.errors import DSNetError
 __all__ = ["DATASETS", "PIPELINES", "build_dataset", "build_tensor_batches", "build_transform", "normalization"]
 
 #: Values accepted by ``data.dataset``.
-DATASETS = ("imagefolder", "fashion_mnist")
+DATASETS = ("imagefolder", "fashion_mnist", "wds")
 #: Values accepted by ``data.pipeline``.
 PIPELINES = ("pil", "tensor")
 
@@ -84,6 +84,8 @@ def build_dataset(
             raise DSNetError("data.root is required for data.dataset=imagefolder (a folder holding train/ and val/)")
         sub = data.train_split if split == "train" else data.val_split
         dataset = ImageFolderDataset(Path(data.root) / sub, mode, classes=classes, require_every_class=split == "train")
+    elif data.dataset == "wds":
+        raise DSNetError("WebDataset shards are streams: the training loop reads them (dsnet.data.webdataset)")
     else:
         raise DSNetError(f"unknown data.dataset {data.dataset!r}; expected one of {', '.join(DATASETS)}")
     limit = data.max_train_samples if split == "train" else data.max_val_samples

@@ -38,6 +38,7 @@ __all__ = [
     "TransformedDataset",
     "collate_with_bad_files",
     "sample_seed",
+    "seeded_transform",
 ]
 
 #: Per-channel statistics of the Fashion-MNIST training split (pixels scaled to 0…1).
@@ -144,6 +145,21 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch * 10_000_019 + index * 7919) % (2**31 - 1)
 
 
+def seeded_transform(transform: Callable[[Image.Image], Any], image: Image.Image, seed: int) -> Any:
+    """``transform(image)`` with torch, ``random`` and numpy seeded by ``seed``; the global generators are left as
+    they were (so augmentation never depends on, nor disturbs, what else the process draws)."""
+    with torch.random.fork_rng(devices=[]):
+        state = random.getstate(), np.random.get_state()
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            return transform(image)
+        finally:
+            random.setstate(state[0])
+            np.random.set_state(state[1])
+
+
 class TransformedDataset(Dataset):
     """``base`` samples through ``transform``, seeded per ``(seed, epoch, index)``; bad files are replaced.
 
@@ -177,17 +193,7 @@ class TransformedDataset(Dataset):
                 if not self.replace_bad:
                     return None, int(self.base.targets[current]), bad
                 continue
-            with torch.random.fork_rng(devices=[]):
-                state = random.getstate(), np.random.get_state()
-                seed = sample_seed(self.seed, epoch, current)
-                torch.manual_seed(seed)
-                random.seed(seed)
-                np.random.seed(seed)
-                try:
-                    sample = self.transform(image)
-                finally:
-                    random.setstate(state[0])
-                    np.random.set_state(state[1])
+            sample = seeded_transform(self.transform, image, sample_seed(self.seed, epoch, current))
             return sample, int(self.base.targets[current]), bad
         raise ImageLoadError(f"{len(bad)} consecutive unreadable images, the last: {bad[-1]}")
 

@@ -71,7 +71,9 @@ class ModelConfig:
 class DataConfig:
     """Datasets, augmentation and label mixing."""
 
-    dataset: str = "imagefolder"  # "imagefolder" (root/train, root/val class folders) or "fashion_mnist"
+    # "imagefolder" (root/train, root/val class folders), "fashion_mnist", or "wds": WebDataset shards in root, the
+    # splits named by train_split/val_split as in _info.json or "train-{0000..0003}.tar|<samples>" (timm's reader)
+    dataset: str = "imagefolder"
     root: str | None = None  # dataset folder; None for fashion_mnist searches the default locations
     train_split: str = "train"  # sub-folder of root with the training images (imagefolder)
     val_split: str = "val"  # sub-folder of root with the validation images (imagefolder)

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from dsnet.data.build import PIPELINES, build_dataset, build_tensor_batches, build_transform, normalization
 from dsnet.data.datasets import ShardedEpochSampler, TransformedDataset, collate_with_bad_files
+from dsnet.data.webdataset import WebDatasetSource
 from dsnet.engine import checkpoint as ckpt
 from dsnet.engine.config import RunConfig, load_config
 from dsnet.engine.evaluate import EvalResult, evaluate
@@ -123,6 +125,9 @@ class ClassificationTask:
         if d.pipeline not in PIPELINES:
             raise DSNetError(f"unknown data.pipeline {d.pipeline!r}; expected one of {', '.join(PIPELINES)}")
         self.ctx = ctx
+        if d.dataset == "wds":
+            self._setup_webdataset(ctx)
+            return
         self.train_set = build_dataset(d, "train", in_chans)
         self.val_set = build_dataset(d, "val", in_chans, classes=self.train_set.classes)
         self.classes = list(self.train_set.classes)
@@ -140,6 +145,42 @@ class ClassificationTask:
         )
         self.val_loader = _make_loader(val_data, self.val_sampler, val_batch, d.workers, ctx.device)
         self.mixup, self.criterion = _mixup_and_loss(d, self.num_classes)
+
+    def _setup_webdataset(self, ctx: FitContext) -> None:
+        """``data.dataset=wds``: shards in ``data.root``, splits ``data.train_split`` / ``data.val_split``."""
+        d, m = self.cfg.data, self.cfg.model
+        if d.root is None:
+            raise DSNetError("data.dataset=wds needs data.root, the folder of the WebDataset shards")
+        if d.pipeline != "pil":
+            raise DSNetError("data.pipeline=tensor holds Fashion-MNIST in memory; WebDataset shards use pipeline=pil")
+        if m.num_classes is None:
+            raise DSNetError("data.dataset=wds: set model.num_classes (shards hold class indices, not class names)")
+        common = dict(
+            mode="L" if m.in_chans == 1 else "RGB", seed=self.cfg.train.seed, world_size=ctx.dist.world_size,
+            workers=d.workers,
+        )  # fmt: skip
+        self.wds_train = WebDatasetSource(
+            d.root, d.train_split, is_training=True, micro_batch=ctx.micro, num_samples=d.max_train_samples, **common
+        )
+        self.val_batch = max(ctx.micro, 64)
+        self.wds_val = WebDatasetSource(
+            d.root, d.val_split, is_training=False, micro_batch=self.val_batch, num_samples=d.max_val_samples, **common
+        )
+        self.num_classes = m.num_classes
+        self.classes = [str(i) for i in range(m.num_classes)]
+        self.num_train, self.num_val = self.wds_train.num_samples, self.wds_val.num_samples
+        self.train_transform = build_transform(d, m.in_chans, True)
+        self.val_transform = build_transform(d, m.in_chans, False)
+        self.mixup, self.criterion = _mixup_and_loss(d, self.num_classes)
+
+    def _stream_loader(self, epoch: Any, batch: int) -> DataLoader:
+        return DataLoader(
+            epoch,
+            batch_size=batch,
+            num_workers=min(self.cfg.data.workers, os.cpu_count() or 1),
+            collate_fn=collate_with_bad_files,
+            pin_memory=self.ctx.device.type == "cuda",
+        )
 
     def build_model(self) -> nn.Module:
         return build_model(self.cfg, self.num_classes)
@@ -177,6 +218,10 @@ class ClassificationTask:
 
     def train_batches(self, sampler: ShardedEpochSampler) -> Iterable[Any]:
         d, in_chans, micro = self.cfg.data, self.cfg.model.in_chans, self.ctx.micro
+        if d.dataset == "wds":  # the updates already done in this epoch are read and dropped (exact resume)
+            skip = sampler.start_update * self.cfg.train.accum_steps
+            epoch = self.wds_train.epoch(sampler.epoch, self.train_transform, self.cfg.train.seed, sampler.rank, skip)
+            return self._stream_loader(epoch, micro)
         if d.pipeline == "tensor":
             return build_tensor_batches(d, self.train_set, sampler, micro, in_chans, self.cfg.train.seed)
         return _make_loader(self.train_data, sampler, micro, d.workers, self.ctx.device)
@@ -193,11 +238,17 @@ class ClassificationTask:
         return StepLoss(loss, len(images), bad_files=bad)
 
     def evaluate(self, model: nn.Module, desc: str) -> EvalResult:
-        self.val_sampler.set_epoch(0)
-        bar = Progress(len(self.val_sampler), desc, enabled=self.ctx.progress and self.ctx.dist.is_main)
+        if self.cfg.data.dataset == "wds":
+            rank, world = self.ctx.dist.rank, self.ctx.dist.world_size
+            loader = self._stream_loader(self.wds_val.epoch(0, self.val_transform, 0, rank), self.val_batch)
+            total = math.ceil(self.num_val / world)
+        else:
+            self.val_sampler.set_epoch(0)
+            loader, total = self.val_loader, len(self.val_sampler)
+        bar = Progress(total, desc, enabled=self.ctx.progress and self.ctx.dist.is_main)
         result = evaluate(
             model,
-            self.val_loader,
+            loader,
             self.num_classes,
             device=self.ctx.device,
             amp_dtype=self.ctx.amp_dtype,
