@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 CLASSES = ("circle", "square", "stripes")
@@ -77,3 +80,24 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
         env=full_env,
         timeout=timeout,
     )
+
+
+@contextlib.contextmanager
+def killed_after_checkpoint(monkeypatch: pytest.MonkeyPatch, update: int) -> Iterator[None]:
+    """Training inside the block dies (``KeyboardInterrupt``, as on Ctrl-C) right after its ``last`` checkpoint of
+    optimizer update ``update`` is written; the block expects that death."""
+    from dsnet.engine import checkpoint
+
+    original = checkpoint.save_checkpoint
+
+    def save_then_die(folder, tag, model, **kwargs):
+        original(folder, tag, model, **kwargs)
+        if tag == "last" and kwargs["metadata"]["update"] == update:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(checkpoint, "save_checkpoint", original)

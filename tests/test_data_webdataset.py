@@ -16,9 +16,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from _engine_helpers import fast_overrides
+from _engine_helpers import fast_overrides, killed_after_checkpoint
 from dsnet.data.webdataset import WebDatasetSource
-from dsnet.engine import checkpoint
 from dsnet.engine.config import load_config
 from dsnet.engine.trainer import train
 from dsnet.errors import DSNetError
@@ -133,17 +132,8 @@ def test_training_on_shards_resumes_exactly(shards, tmp_path, monkeypatch):
     whole = train(_config(shards, tmp_path / "whole", "train.ckpt_interval=2"), log=lambda s: None)
     summary = json.loads((whole / "summary.json").read_text())
     assert summary["updates"] == 6 and summary["final"]["num_samples"] == 8  # 24 // 8 × 2 epochs; every val sample
-    original = checkpoint.save_checkpoint
-
-    def killed_after_update_4(folder, tag, model, **kwargs):
-        original(folder, tag, model, **kwargs)
-        if tag == "last" and kwargs["metadata"]["update"] == 4:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", killed_after_update_4)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_checkpoint(monkeypatch, 4):
         train(_config(shards, tmp_path / "cut", "train.ckpt_interval=2"), log=lambda s: None)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", original)
     (cut,) = (tmp_path / "cut").iterdir()
     train(resume=cut, log=lambda s: None)  # mid-epoch 2: the stream is re-read up to update 4
     a, b = load_file(whole / "checkpoints" / "last.safetensors"), load_file(cut / "checkpoints" / "last.safetensors")

@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch import nn
 
+from _engine_helpers import killed_after_checkpoint
 from dsnet.cli.main import main
 from dsnet.detection.data import CocoDetection, make_fashion_detection, split_paths
 from dsnet.detection.engine import evaluate, load_detection_config, train
@@ -80,22 +81,12 @@ def test_flips_depend_on_seed_epoch_and_index_only(det_data):
 def test_interrupted_run_resumes_exactly(det_data, tmp_path, monkeypatch):
     """Mask R-CNN, 2 epochs × 3 updates, checkpoint every 2 updates; a crash right after the update-4 checkpoint
     (mid-epoch 2), then ``dsnet detect train --resume``: the same weights, bit for bit, and the same logs."""
-    from dsnet.engine import checkpoint
 
     extra = ("model.arch=maskrcnn", "sched.epochs=2", "train.ckpt_interval=2", "train.name=r")
     whole = train(load_detection_config(None, _overrides(det_data, tmp_path / "whole", *extra)))  # the run folder
 
-    original = checkpoint.save_checkpoint
-
-    def crash_after_update_4(folder, tag, model, **kwargs):
-        original(folder, tag, model, **kwargs)
-        if tag == "last" and kwargs["metadata"]["update"] == 4:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", crash_after_update_4)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_checkpoint(monkeypatch, 4):
         train(load_detection_config(None, _overrides(det_data, tmp_path / "cut", *extra)))
-    monkeypatch.setattr(checkpoint, "save_checkpoint", original)
     (cut,) = (tmp_path / "cut").iterdir()
     assert [r["update"] for r in _records(cut, "step")] == [1, 2, 3, 4]
     assert main(["detect", "train", "--resume", str(cut)]) == 0

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from _engine_helpers import killed_after_checkpoint
 from dsnet.engine import checkpoint
 from dsnet.engine.config import TrainConfig
 from dsnet.engine.fit import FitContext, StepLoss, _wrap, fit
@@ -156,17 +157,8 @@ def test_a_new_task_trains_through_the_loop_unchanged(tmp_path):
 
 def test_a_new_task_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
     whole = fit(RegressionTask(_config(tmp_path / "whole", ckpt_interval=4)), log=lambda s: None)
-    original = checkpoint.save_checkpoint
-
-    def killed_after_update_8(folder, tag, model, **kwargs):
-        original(folder, tag, model, **kwargs)
-        if tag == "last" and kwargs["metadata"]["update"] == 8:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", killed_after_update_8)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_checkpoint(monkeypatch, 8):
         fit(RegressionTask(_config(tmp_path / "cut", ckpt_interval=4)), log=lambda s: None)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", original)
     (cut,) = (tmp_path / "cut").iterdir()
     lines: list[str] = []
     fit(RegressionTask(_config(tmp_path / "cut", ckpt_interval=4)), resume_dir=cut, log=lines.append)
