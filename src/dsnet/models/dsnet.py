@@ -94,6 +94,7 @@ from timm.models import (
 from torch import nn
 
 from dsnet.errors import DSNetError
+from dsnet.layers.attention import attention
 from dsnet.models._checkpoint import pretrained_file_kwargs, state_dict_of
 from dsnet.models._dsnet_keys import reference_to_dsnet
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
@@ -235,7 +236,7 @@ class InterScaleAlignment(nn.Module):
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dropout_p = self.attn_drop if self.training else 0.0
-        return _merge_heads(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p))
+        return _merge_heads(attention(q, k, v, dropout_p=dropout_p))
 
     def forward(self, local: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Align ``local`` (B, l, H, W) and global ``tokens`` (B, N, g); returns both updated, same shapes."""
@@ -357,7 +358,7 @@ class DSBlock(nn.Module):
         """Multi-head self-attention of the global tokens (B, N, g) with no output projection."""
         q, k, v = _split_heads(self.global_qkv(self.global_norm(tokens)), 3, self.num_heads)
         dropout_p = self.attn_drop if self.training else 0.0
-        return _merge_heads(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p))  # (B, N, g)
+        return _merge_heads(attention(q, k, v, dropout_p=dropout_p))  # (B, N, g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.pos_embed(x)

@@ -59,6 +59,7 @@ from timm.models.swin_transformer import get_relative_position_index, window_par
 from torch import nn
 
 from dsnet.errors import DSNetError
+from dsnet.layers.attention import attention
 from dsnet.models._checkpoint import pretrained_file_kwargs, state_dict_of, verify_state_dict
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
 from dsnet.models._pretrained import pretrained_kwargs
@@ -181,7 +182,8 @@ class MixingAttention(nn.Module):
     def _relative_position_bias(self) -> torch.Tensor:
         area = self.window_size**2
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (N·N, heads)
-        return bias.view(area, area, -1).permute(2, 0, 1)  # (heads, N, N)
+        # (1, heads, N, N): PyTorch's fused CPU attention kernel takes a 4-D mask; a 3-D one sends it to the math path
+        return bias.view(area, area, -1).permute(2, 0, 1).unsqueeze(0)
 
     def _window_attention(self, x: torch.Tensor, value_gate: torch.Tensor) -> torch.Tensor:
         """Self-attention inside the windows of x (B, H, W, C/2), values scaled by value_gate (B, C/2, 1, 1)."""
@@ -193,7 +195,7 @@ class MixingAttention(nn.Module):
         # channel interaction: the same gate for every window of an image
         gate = value_gate.reshape(batch, 1, self.num_heads, 1, self.head_dim)
         v = (v.reshape(batch, -1, self.num_heads, ws * ws, self.head_dim) * gate).flatten(0, 1)
-        x = F.scaled_dot_product_attention(
+        x = attention(
             q,
             k,
             v,

@@ -68,6 +68,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from dsnet.errors import DSNetError
+from dsnet.layers.attention import attention
 from dsnet.models._checkpoint import pretrained_file_kwargs, state_dict_of, verify_state_dict
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
 from dsnet.models._pretrained import pretrained_kwargs
@@ -214,7 +215,7 @@ class MobileToFormer(nn.Module):
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         q = self.q(tokens).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, heads, M, C/heads)
         kv = x.flatten(2).unflatten(1, (self.num_heads, -1)).transpose(-1, -2)  # (B, heads, HW, C/heads)
-        out = F.scaled_dot_product_attention(q, kv, kv).transpose(1, 2).flatten(2)  # (B, M, C)
+        out = attention(q, kv, kv).transpose(1, 2).flatten(2)  # (B, M, C)
         out = out * (F.hardsigmoid(self.gate(tokens)) * 2.0)
         return self.norm(tokens + self.drop_path(self.proj(out)))  # (B, M, d)
 
@@ -246,7 +247,7 @@ class Former(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         q = self.q(tokens).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, heads, M, d/heads)
         kv = tokens.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, kv, kv).transpose(1, 2).flatten(2)  # (B, M, d)
+        out = attention(q, kv, kv).transpose(1, 2).flatten(2)  # (B, M, d)
         tokens = self.norm1(tokens + self.drop_path(self.proj(out)))
         return self.norm2(tokens + self.mlp(tokens))
 
@@ -276,7 +277,7 @@ class FormerToMobile(nn.Module):
         q = x.flatten(2).unflatten(1, (self.num_heads, -1)).transpose(-1, -2)  # (B, heads, HW, C/heads)
         k = self.k(tokens).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, heads, M, C/heads)
         v = self.v(tokens).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(x.shape)  # (B, C, H, W)
+        out = attention(q, k, v).transpose(-1, -2).reshape(x.shape)  # (B, C, H, W)
         return x + self.drop_path(out)
 
 

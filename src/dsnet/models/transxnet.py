@@ -53,6 +53,7 @@ from torch import nn
 
 from dsnet.errors import DSNetError
 from dsnet.layers.adaptive_avg_pool import AdaptiveAvgPool2d
+from dsnet.layers.attention import attention
 from dsnet.layers.per_sample_conv import per_sample_depthwise_conv2d
 from dsnet.models._checkpoint import pretrained_file_kwargs, state_dict_of
 from dsnet.models._paper import PAPER_FIGURES, PaperFigures
@@ -183,7 +184,7 @@ class OSRA(nn.Module):
         k, v = (
             self.kv(kv).unflatten(1, (2, self.num_heads, -1)).flatten(4).transpose(-1, -2).unbind(1)
         )  # (B, heads, M, d)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=pos_bias)  # (B, heads, N, d)
+        out = attention(q, k, v, attn_mask=pos_bias)  # (B, heads, N, d)
         return out.transpose(-1, -2).reshape(x.shape)  # (B, C, H, W)
 
 
