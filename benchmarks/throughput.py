@@ -16,6 +16,9 @@ eager           the model as ``timm.create_model`` builds it, eval mode, ``torch
 fused           :func:`dsnet.deploy.fuse` of it (BatchNorms folded, timm's reparameterisations): what ``dsnet predict``
                 runs
 channels_last   the fused model and its input in ``torch.channels_last``
+math_attention  the fused model with PyTorch's unfused "math" attention forced (``sdpa_kernel(SDPBackend.MATH)``):
+                the baseline of :func:`dsnet.layers.attention.attention`, which keeps the fused CPU kernel (before
+                it, every attention call of TransXNet and MixFormer and DS-Net's co-attention ran this path)
 compile         ``torch.compile`` of the fused model (inductor; only with ``--compile``: compiling takes minutes)
 onnxruntime     the fused model exported by :func:`dsnet.export.onnx.export_onnx` (dynamic batch) in ONNX Runtime
 openvino        that ONNX file in OpenVINO's CPU plugin, fp32 arithmetic
@@ -39,6 +42,10 @@ round-robin, ``--repeats`` times, so that machine noise hits all alike; the medi
 ``--settle`` seconds before each measurement (ONNX Runtime's and OpenVINO's thread pools spin for a moment after a
 call). The 1-minute load average is printed before and after the run: above ~0.5 on an idle machine, something else
 ran.
+
+Memory: like the ``dsnet`` command, the run first lets glibc keep freed memory for reuse
+(:func:`dsnet.engine.runtime.retain_freed_memory`; every model, ours and the peers, gains from it); ``--malloc default``
+measures with the C library's own behaviour instead, the baseline of that setting. The table header says which.
 
 Results: ``benchmarks/results/throughput.md`` (the table, also printed) and ``throughput.json`` (every sample)::
 
@@ -67,6 +74,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -86,6 +94,7 @@ VARIANTS: tuple[str, ...] = (
     "eager",
     "fused",
     "channels_last",
+    "math_attention",
     "compile",
     "onnxruntime",
     "openvino",
@@ -241,10 +250,14 @@ def _paddle_call(reference: Any, batch: int, size: int) -> Callable[[], None]:
     return call
 
 
-def _torch_call(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def _torch_call(model: nn.Module, x: torch.Tensor, math_attention: bool = False) -> Callable[[], None]:
     def call() -> None:
         with torch.inference_mode():
-            model(x)
+            if math_attention:
+                with sdpa_kernel(SDPBackend.MATH):
+                    model(x)
+            else:
+                model(x)
 
     return call
 
@@ -328,6 +341,7 @@ def build_calls(
         "eager": lambda: model,
         "fused": fused_model,
         "channels_last": channels_last,
+        "math_attention": fused_model,
         "compile": compiled,
     }
     for variant in variants:
@@ -348,7 +362,7 @@ def build_calls(
             elif variant == "channels_last":
                 calls[(variant, batch)] = _torch_call(runner, x.contiguous(memory_format=torch.channels_last))
             else:
-                calls[(variant, batch)] = _torch_call(runner, x)
+                calls[(variant, batch)] = _torch_call(runner, x, math_attention=variant == "math_attention")
     return calls
 
 
@@ -383,6 +397,9 @@ def time_call(call: Callable[[], None], settings: Settings) -> float:
             return elapsed / calls
 
 
+_MALLOC_RETAINED = False  # set by main(): dsnet.engine.runtime.retain_freed_memory, as the dsnet command runs
+
+
 def _versions(paddle: bool) -> dict[str, str]:
     import timm
 
@@ -392,6 +409,7 @@ def _versions(paddle: bool) -> dict[str, str]:
             versions[module] = __import__(module).__version__
         except ImportError:
             versions[module] = "not installed"
+    versions["malloc"] = "freed memory retained" if _MALLOC_RETAINED else "C library default"
     return versions
 
 
@@ -554,6 +572,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--gemm-size", type=int, default=Settings.gemm_size, help="GEMM probe side (%(default)s)")
     parser.add_argument("--output", type=Path, default=RESULTS / "throughput.md")
     parser.add_argument("--artefacts", type=Path, default=None, help="keep (and reuse) the ONNX/int8 files here")
+    parser.add_argument(
+        "--malloc",
+        choices=("retain", "default"),
+        default="retain",
+        help="retain: glibc keeps freed memory for reuse, as the dsnet command sets it (retain_freed_memory); "
+        "default: the C library's own behaviour, the baseline of that setting",
+    )
     args = parser.parse_args(argv)
     if min(args.batches) < 1 or args.repeats < 1 or args.threads < 1 or args.size < 32:
         parser.error("batches, repeats and threads must be positive and --size at least 32")
@@ -565,6 +590,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         peer_variants += [] if "compile" in peer_variants else ["compile"]
     if args.paddle and "paddleclas" not in variants:
         variants.append("paddleclas")
+    from dsnet.engine.runtime import retain_freed_memory
+
+    global _MALLOC_RETAINED
+    _MALLOC_RETAINED = args.malloc == "retain" and retain_freed_memory()
     settings = replace(
         Settings(),
         batches=tuple(args.batches),

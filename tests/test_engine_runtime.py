@@ -1,8 +1,11 @@
-"""``dsnet.engine.runtime``: the helpers both training loops share (non-finite loss, AMP, seeds, devices)."""
+"""``dsnet.engine.runtime``: the helpers both training loops share (non-finite loss, AMP, seeds, devices, allocator)."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -50,3 +53,38 @@ def test_seed_update_seeds_every_generator_the_same_way_each_time():
     seed_update(3, 11, 0)
     assert draws() != first
     assert update_seed(3, 10, 0) != update_seed(3, 10, 1)  # ranks draw differently
+
+
+_RSS_AFTER_FREE = """
+import os, sys, torch
+from dsnet.engine.runtime import retain_freed_memory
+applied = retain_freed_memory() if sys.argv[1] == "retain" else False
+page = os.sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+block = torch.ones(64 * 2**20 // 4)  # 64 MiB, above glibc's largest mmap threshold
+before_free = rss()
+del block
+print(applied, (before_free - rss()) / 2**20)
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "env", "applied", "returned"),
+    [
+        ("retain", {}, True, False),
+        ("default", {}, False, True),
+        ("retain", {"DSNET_MALLOC": "default"}, False, True),  # the opt-out
+    ],
+)
+def test_freed_memory_stays_for_reuse_only_when_retained(mode, env, applied, returned):
+    """glibc unmaps a freed 64 MiB tensor at once (RSS drops by 64 MiB) unless retain_freed_memory ran (Linux)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_AFTER_FREE, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **env},
+    ).stdout.split()
+    assert out[0] == str(applied)
+    released_mib = float(out[1])
+    assert (released_mib > 60) == returned, released_mib

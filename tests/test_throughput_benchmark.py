@@ -48,7 +48,7 @@ def _rows(table: str) -> list[list[str]]:
 def test_tiny_run_measures_every_path_and_writes_the_table(tmp_path, capsys):
     settings = _tiny(batches=(1, 2), repeats=2)
     output = tmp_path / "results" / "throughput.md"
-    ours, peers = ("eager", "fused", "channels_last"), ("eager", "onnxruntime", "openvino", "int8")
+    ours, peers = ("eager", "fused", "channels_last", "math_attention"), ("eager", "onnxruntime", "openvino", "int8")
     artefacts = tmp_path / "artefacts"
     result, table = throughput.run(["dsnet_tiny"], ["test_convnext"], settings, ours, peers, output, artefacts)
     assert sorted(p.name for p in artefacts.iterdir()) == ["test_convnext_32px.int8.onnx", "test_convnext_32px.onnx"]

@@ -16,6 +16,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from dsnet.engine.runtime import retain_freed_memory
 from dsnet.errors import DSNetError
 
 #: Subcommand modules, in the order ``dsnet --help`` lists them.
@@ -72,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``dsnet`` command line; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    retain_freed_memory()  # large activations are reused instead of faulted in again on every call
     try:
         return int(args.func(args) or 0)
     except DSNetError as err:

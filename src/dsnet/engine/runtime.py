@@ -1,6 +1,7 @@
 """Runtime choices shared by the classification and the detection training loops.
 
-CPU threads (:func:`auto_threads`, :func:`set_threads`), the autocast dtype (:func:`resolve_amp`,
+CPU threads (:func:`auto_threads`, :func:`set_threads`), the C allocator's reuse of freed memory
+(:func:`retain_freed_memory`), the autocast dtype (:func:`resolve_amp`,
 :func:`autocast_context`), the seeds drawn inside an update (:func:`update_seed`, :func:`seed_update`) and the stop on
 a non-finite loss (:func:`check_finite_loss`). Messages name the config key the caller passes (``key=``), so that a
 detection run is told about its own keys rather than the classification ones.
@@ -9,7 +10,10 @@ detection run is told about its own keys rather than the classification ones.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
+import platform
 import random
 import time
 from collections.abc import Callable
@@ -30,6 +34,7 @@ __all__ = [
     "cpu_has_native_bf16",
     "cpu_times",
     "resolve_amp",
+    "retain_freed_memory",
     "seed_update",
     "set_threads",
     "update_seed",
@@ -180,6 +185,29 @@ def set_threads(requested: int | None, device: torch.device) -> None:
     torchrun started on this machine (``LOCAL_WORLD_SIZE``); GPU runs keep torch's default unless asked."""
     if requested or device.type == "cpu":
         torch.set_num_threads(requested or auto_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+#: glibc's ``mallopt`` parameters (malloc.h) and the value that turns both thresholds off (the largest it accepts)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _NO_THRESHOLD = -1, -3, 2**31 - 1
+
+
+def retain_freed_memory() -> bool:
+    """Let glibc's allocator keep the memory torch frees and hand it out again, instead of returning it to the OS.
+
+    torch allocates CPU tensors with the C allocator. glibc serves every block above a threshold (at most 32 MB) with
+    a fresh ``mmap`` and unmaps it on free, so each forward pass at batch 16 faults in its large activations page by
+    page again: a 1×1 convolution on a (16, 64, 56, 56) map spent most of its time in page faults. With both of
+    glibc's thresholds (mmap, trim) at their maximum, freed blocks stay in the process and are reused (the effect on
+    every model is measured by ``benchmarks/throughput.py --malloc default``). The cost: the process keeps its peak
+    memory until it exits, as PyTorch's CUDA caching allocator does on the GPU.
+
+    The ``dsnet`` command calls this once at start; ``DSNET_MALLOC=default`` leaves the allocator as it is. Returns
+    whether the setting was applied (False elsewhere than glibc, e.g. macOS, Windows, musl).
+    """
+    if os.environ.get("DSNET_MALLOC", "") == "default" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _NO_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _NO_THRESHOLD))
 
 
 def update_seed(seed: int, update: int, rank: int) -> int:
