@@ -213,9 +213,11 @@ def test_streamed_body_over_the_limit_is_refused(loaded):
 
 
 @pytest.mark.slow  # the ONNX export (torch.export) alone took minutes on the busy 2-core machine
-def test_onnxruntime_backend_serves_the_same_answer(loaded, images, tmp_path):
+def test_exported_backends_serve_the_same_answer(loaded, images, tmp_path):
+    """The same small convnet as ONNX (served by ONNX Runtime) and as OpenVINO IR (served by OpenVINO)."""
     from dsnet.deploy.runtime import write_artefact_info
     from dsnet.export.onnx import export_onnx
+    from dsnet.export.openvino import export_openvino
 
     info = loaded[1]
     torch.manual_seed(0)  # a small convnet: exporting dsnet_tiny takes minutes on a busy 2-core machine
@@ -227,14 +229,19 @@ def test_onnxruntime_backend_serves_the_same_answer(loaded, images, tmp_path):
         torch.nn.Linear(8, len(CLASSES)),
     ).eval()
     export_onnx(small, tmp_path / "m.onnx", image_size=(32, 32), in_chans=1)
-    write_artefact_info(tmp_path / "m.onnx", info)
-    runtime, runtime_info = load_for_inference(tmp_path / "m.onnx", num_threads=1)
+    export_openvino(tmp_path / "m.onnx", tmp_path / "m.xml")
     (expected,) = predict_files(small, info, [images[2]], top_k=3)
-    with running_server(create_app(runtime, runtime_info, top_k=3)) as url:
-        answer = _post_file(url, images[2]).json()
-        assert httpx.get(f"{url}/health", timeout=60).json()["backend"] == "onnxruntime"
-    assert answer["indices"] == expected.indices
-    assert answer["probs"] == pytest.approx(expected.probs, abs=1e-5)
+    for artefact, backend in (("m.onnx", "onnxruntime"), ("m.xml", "openvino")):
+        write_artefact_info(tmp_path / artefact, info)
+        runtime, runtime_info = load_for_inference(tmp_path / artefact, num_threads=1)
+        with running_server(create_app(runtime, runtime_info, top_k=3)) as url:
+            answers = [_post_file(url, images[2]).json(), _post_file(url, images[5], top_k=1).json()]
+            health = httpx.get(f"{url}/health", timeout=60).json()
+        assert health["backend"] == backend and health["counters"]["requests"] == 2, health
+        assert answers[0]["indices"] == expected.indices, backend
+        assert answers[0]["probs"] == pytest.approx(expected.probs, abs=1e-5), backend
+        (second,) = predict_files(small, info, [images[5]], top_k=1)
+        assert answers[1]["indices"] == second.indices, backend
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
