@@ -171,16 +171,19 @@ class Result:
 
 
 def build_model(name: str) -> nn.Module:
-    """The eval-mode model as timm builds it, random weights (speed ignores them); FastViT reparameterised."""
+    """The eval-mode model as timm builds it, random weights (speed ignores them)."""
     import timm
-    from timm.utils.model import reparameterize_model
 
     import dsnet  # noqa: F401  (registers our models)
 
-    model = timm.create_model(name).eval()
-    if name.startswith("fastvit"):
-        model = reparameterize_model(model)
-    return model
+    return timm.create_model(name).eval()
+
+
+def _eager(name: str, model: nn.Module) -> nn.Module:
+    """The eager path: FastViT reparameterised by timm (a copy: ``fuse`` reparameterises the model as built)."""
+    from timm.utils.model import reparameterize_model
+
+    return reparameterize_model(model) if name.startswith("fastvit") else model
 
 
 def _paddle_reference() -> Any:
@@ -338,7 +341,7 @@ def build_calls(
         return OnnxRuntimeModel(int8_path, settings.threads)
 
     makers: dict[str, Callable[[], nn.Module]] = {
-        "eager": lambda: model,
+        "eager": lambda: _eager(name, model),
         "fused": fused_model,
         "channels_last": channels_last,
         "math_attention": fused_model,

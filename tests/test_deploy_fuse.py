@@ -10,6 +10,7 @@ from torch import nn
 import dsnet  # noqa: F401
 from dsnet.deploy import fuse
 from dsnet.deploy.fuse import fold_affine_after, fold_affine_before
+from dsnet.errors import DSNetError
 from dsnet.models import list_zoo
 
 
@@ -104,3 +105,12 @@ def test_timm_peer_is_reparameterised():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert (fused(x) - model(x)).abs().max() <= 1e-4
+
+
+def test_an_already_reparameterised_peer_is_a_clear_error():
+    """timm's FastViT blocks delete their branches when reparameterised and fail on a second pass."""
+    from timm.utils.model import reparameterize_model
+
+    model = reparameterize_model(timm.create_model("fastvit_t8", num_classes=4).eval())
+    with pytest.raises(DSNetError, match="pass the model as built"):
+        fuse(model)

@@ -38,6 +38,7 @@ from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from dsnet.errors import DSNetError
 from dsnet.models.dsnet import DSBlock, DSNet
 from dsnet.models.transxnet import LayerScale, MultiScaleFFN, SqueezedTokenEnhancer, TransXNetBlock
 
@@ -230,7 +231,13 @@ def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
-    model = reparameterize_model(model, inplace=True)
+    try:
+        model = reparameterize_model(model, inplace=True)
+    except AttributeError as err:  # timm's reparameterisations delete their branches and cannot run twice
+        raise DSNetError(
+            f"fuse: timm's reparameterize_model failed on {type(model).__name__} ({err}); pass the model as built, "
+            "not one already reparameterised (FastViT's blocks cannot be reparameterised twice)"
+        ) from err
     folded = 0
     for module in _post_order(model):
         rule = next((r for t, r in _RULES.items() if isinstance(module, t)), None)
