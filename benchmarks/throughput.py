@@ -43,9 +43,10 @@ round-robin, ``--repeats`` times, so that machine noise hits all alike; the medi
 call). The 1-minute load average is printed before and after the run: above ~0.5 on an idle machine, something else
 ran.
 
-Memory: like the ``dsnet`` command, the run first lets glibc keep freed memory for reuse
-(:func:`dsnet.engine.runtime.retain_freed_memory`; every model, ours and the peers, gains from it); ``--malloc default``
-measures with the C library's own behaviour instead, the baseline of that setting. The table header says which.
+Memory: ``--malloc retain`` first lets glibc keep freed memory for reuse
+(:func:`dsnet.engine.runtime.retain_freed_memory`, opt-in for the ``dsnet`` command as ``DSNET_MALLOC=retain``); the
+default measures with the C library's own behaviour. The table header says which. With ``retain`` the full default
+run grew to 23 GB: measure few models at a time with it.
 
 Results: ``benchmarks/results/throughput.md`` (the table, also printed) and ``throughput.json`` (every sample)::
 
@@ -577,10 +578,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--artefacts", type=Path, default=None, help="keep (and reuse) the ONNX/int8 files here")
     parser.add_argument(
         "--malloc",
-        choices=("retain", "default"),
-        default="retain",
-        help="retain: glibc keeps freed memory for reuse, as the dsnet command sets it (retain_freed_memory); "
-        "default: the C library's own behaviour, the baseline of that setting",
+        choices=("default", "retain"),
+        default="default",
+        help="default: the C library's own behaviour; retain: glibc keeps freed memory for reuse "
+        "(retain_freed_memory, as DSNET_MALLOC=retain dsnet ...; the process keeps its peak memory)",
     )
     args = parser.parse_args(argv)
     if min(args.batches) < 1 or args.repeats < 1 or args.threads < 1 or args.size < 32:

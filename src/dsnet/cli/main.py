@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -73,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``dsnet`` command line; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    retain_freed_memory()  # large activations are reused instead of faulted in again on every call
+    if os.environ.get("DSNET_MALLOC") == "retain":  # opt-in: reuse large activations, keep the peak memory
+        retain_freed_memory()
     try:
         return int(args.func(args) or 0)
     except DSNetError as err:

@@ -194,17 +194,18 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _NO_THRESHOLD = -1, -3, 2**31 - 1
 def retain_freed_memory() -> bool:
     """Let glibc's allocator keep the memory torch frees and hand it out again, instead of returning it to the OS.
 
-    torch allocates CPU tensors with the C allocator. glibc serves every block above a threshold (at most 32 MB) with
-    a fresh ``mmap`` and unmaps it on free, so each forward pass at batch 16 faults in its large activations page by
-    page again: a 1×1 convolution on a (16, 64, 56, 56) map spent most of its time in page faults. With both of
-    glibc's thresholds (mmap, trim) at their maximum, freed blocks stay in the process and are reused (the effect on
-    every model is measured by ``benchmarks/throughput.py --malloc default``). The cost: the process keeps its peak
-    memory until it exits, as PyTorch's CUDA caching allocator does on the GPU.
+    torch allocates CPU tensors with the C allocator. glibc serves every block above a threshold (at most 32 MB by
+    default) with a fresh ``mmap`` and unmaps it on free, so each forward pass at batch 16 faults in its large
+    activations page by page again: a 1×1 convolution on a (16, 64, 56, 56) map spent most of its time in page
+    faults. With both of glibc's thresholds (mmap, trim) at their maximum, freed blocks stay in the process and are
+    reused. The cost: the process keeps its peak memory (per malloc arena) until it exits, and a process that holds
+    many models and runtime thread pools can grow far beyond what it uses (a benchmark process holding 13 models
+    and their ONNX Runtime / OpenVINO sessions reached 23 GB), so this is opt-in.
 
-    The ``dsnet`` command calls this once at start; ``DSNET_MALLOC=default`` leaves the allocator as it is. Returns
-    whether the setting was applied (False elsewhere than glibc, e.g. macOS, Windows, musl).
+    The ``dsnet`` command calls this at start when ``DSNET_MALLOC=retain`` is set (``benchmarks/throughput.py
+    --malloc retain`` does the same). Returns whether the setting was applied (never elsewhere than glibc).
     """
-    if os.environ.get("DSNET_MALLOC", "") == "default" or platform.libc_ver()[0] != "glibc":
+    if platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, _NO_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _NO_THRESHOLD))
