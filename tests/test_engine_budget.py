@@ -12,7 +12,7 @@ import types
 import pytest
 
 from _engine_helpers import fast_overrides, make_imagefolder
-from dsnet.engine import trainer
+from dsnet.engine import fit, trainer
 from dsnet.engine.budget import TimeBudget, updates_within
 from dsnet.engine.config import load_config
 
@@ -56,7 +56,7 @@ class _FakeClock:
 def test_a_budget_run_trains_past_its_provisional_schedule_and_ends_on_time(tmp_path, monkeypatch):
     root = make_imagefolder(tmp_path / "data")
     clock = _FakeClock(0.25)
-    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    monkeypatch.setattr(fit, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))  # the loop's clock
     minutes = 0.25  # 15 s of fake training time
     overrides = {"sched.minutes": minutes, "sched.epochs": 1, "train.eval_interval": 100, "sched.min_lr": 1e-5}
     run_dir = trainer.train(load_config(None, fast_overrides(root, tmp_path / "runs", **overrides)), log=lambda s: None)
