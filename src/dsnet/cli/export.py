@@ -30,11 +30,12 @@ def run(args: argparse.Namespace) -> int:
 
     import dsnet  # noqa: F401  (registers the zoo)
     from dsnet.deploy import fuse
-    from dsnet.deploy.export import Int8Calibration, export_artefact, load_export_source
+    from dsnet.deploy.export import Int8Calibration, check_export_output, export_artefact, load_export_source
     from dsnet.engine.inference import collect_images
     from dsnet.errors import DSNetError
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    check_export_output(args.output)  # before building the model: a bad output path fails at once
     if args.int8 and not args.calib:
         raise DSNetError("--int8 needs calibration images: --calib DIR (a folder of images like the inputs)")
     model, info = load_export_source(

@@ -31,7 +31,7 @@ from dsnet.errors import DSNetError
 from dsnet.export.onnx import ExportReport, check_onnx, export_onnx
 from dsnet.export.openvino import export_openvino
 
-__all__ = ["Int8Calibration", "export_artefact", "load_export_source"]
+__all__ = ["Int8Calibration", "check_export_output", "export_artefact", "load_export_source"]
 
 #: Output suffixes and the artefact kind each one makes.
 ARTEFACT_KINDS = {".onnx": "ONNX", ".xml": "OpenVINO IR"}
@@ -160,6 +160,16 @@ def _write_model_file(
     return report
 
 
+def check_export_output(output: str | os.PathLike[str]) -> Path:
+    """``output`` as a Path if it names an artefact kind (``.onnx``/``.xml``) in a writable folder (created if needed);
+    otherwise one clear :class:`DSNetError`. Cheap: callers run it before building the model."""
+    output = Path(output)
+    if output.suffix.lower() not in ARTEFACT_KINDS:
+        raise DSNetError(f"output {output} must end in .onnx (ONNX) or .xml (OpenVINO IR)")
+    check_writable_folder(output.parent, f"output {output}")
+    return output
+
+
 def export_artefact(
     model: nn.Module,
     info: CheckpointInfo,
@@ -176,12 +186,9 @@ def export_artefact(
     """Export ``model`` (eval mode; fused or not, as given) to ``output`` (``.onnx`` or ``.xml``), check it in its
     runtime (fp32: logits within 1e-4 of PyTorch; int8: top-1 agreement on the calibration images is printed), and
     write the sidecar ``<output>.json`` with ``info`` and ``sidecar``'s extra fields. Returns ``output``."""
-    output = Path(output)
-    if output.suffix.lower() not in ARTEFACT_KINDS:
-        raise DSNetError(f"output {output} must end in .onnx (ONNX) or .xml (OpenVINO IR)")
+    output = check_export_output(output)
     if int8 is not None and not int8.files:
         raise DSNetError("int8 quantization needs calibration images (--calib DIR: a folder of images like the inputs)")
-    check_writable_folder(output.parent, f"output {output}")
     image_size = image_size or (info.input_size, info.input_size)
     export_kwargs = dict(image_size=image_size, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size, opset=opset)
     with tempfile.TemporaryDirectory(dir=output.parent) as tmp:  # same file system: the final move is a rename
