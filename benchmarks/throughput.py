@@ -43,10 +43,11 @@ round-robin, ``--repeats`` times, so that machine noise hits all alike; the medi
 call). The 1-minute load average is printed before and after the run: above ~0.5 on an idle machine, something else
 ran.
 
-Memory: ``--malloc retain`` first lets glibc keep freed memory for reuse
-(:func:`dsnet.engine.runtime.retain_freed_memory`, opt-in for the ``dsnet`` command as ``DSNET_MALLOC=retain``); the
-default measures with the C library's own behaviour. The table header says which. With ``retain`` the full default
-run grew to 23 GB: measure few models at a time with it.
+Memory: ``--malloc`` sets up the CPU allocator as the ``dsnet`` command does (``DSNET_MALLOC``,
+:func:`dsnet.engine.runtime.configure_memory`): ``hugepages`` (default) backs torch's large tensors with transparent
+huge pages, ``retain`` also keeps freed memory for reuse, ``libc`` measures the C library's own behaviour. The table
+header says which took effect. With ``retain`` the full default run grew to 23 GB: measure few models at a time
+with it.
 
 Results: ``benchmarks/results/throughput.md`` (the table, also printed) and ``throughput.json`` (every sample)::
 
@@ -76,6 +77,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from dsnet.engine.runtime import MEMORY_MODES, configure_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -401,10 +404,7 @@ def time_call(call: Callable[[], None], settings: Settings) -> float:
             return elapsed / calls
 
 
-_MALLOC_RETAINED = False  # set by main(): dsnet.engine.runtime.retain_freed_memory, as the dsnet command runs
-
-
-def _versions(paddle: bool) -> dict[str, str]:
+def _versions(paddle: bool, memory: str) -> dict[str, str]:
     import timm
 
     versions = {"torch": torch.__version__, "timm": timm.__version__}
@@ -413,7 +413,7 @@ def _versions(paddle: bool) -> dict[str, str]:
             versions[module] = __import__(module).__version__
         except ImportError:
             versions[module] = "not installed"
-    versions["malloc"] = "freed memory retained" if _MALLOC_RETAINED else "C library default"
+    versions["malloc"] = memory
     return versions
 
 
@@ -425,11 +425,13 @@ def run(
     peer_variants: Sequence[str] = DEFAULT_PEER_VARIANTS,
     output: Path | None = RESULTS / "throughput.md",
     artefacts: Path | None = None,
+    memory: str = "as the process found it",
 ) -> tuple[Result, str]:
     """Build every path, measure them round-robin, print the table and write it (and the samples) beside ``output``.
 
     ``artefacts``: a folder that keeps the ONNX and int8 files (reused when present: delete them after changing a
-    model); default a temporary folder.
+    model); default a temporary folder. ``memory``: the allocator set-up, for the header (what
+    :func:`~dsnet.engine.runtime.configure_memory` returned).
     """
     from dsnet._io import strict_json
     from dsnet.bench.complexity import count_macs
@@ -486,7 +488,9 @@ def run(
         logging.disable(logging.NOTSET)
         torch.set_num_threads(previous_threads)
     load_after = os.getloadavg()[0]
-    result = Result(settings, macs, cells, gemm_seconds, (load_before, load_after), _versions(use_paddle), checks)
+    result = Result(
+        settings, macs, cells, gemm_seconds, (load_before, load_after), _versions(use_paddle, memory), checks
+    )
     table = format_table(result, models, peers)
     print(table)
     if output is not None:
@@ -578,10 +582,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--artefacts", type=Path, default=None, help="keep (and reuse) the ONNX/int8 files here")
     parser.add_argument(
         "--malloc",
-        choices=("default", "retain"),
-        default="default",
-        help="default: the C library's own behaviour; retain: glibc keeps freed memory for reuse "
-        "(retain_freed_memory, as DSNET_MALLOC=retain dsnet ...; the process keeps its peak memory)",
+        choices=MEMORY_MODES,
+        default="hugepages",
+        help="CPU allocator, as DSNET_MALLOC of the dsnet command: hugepages (default), retain (also keep freed "
+        "memory; the process keeps its peak), libc (the C library's own behaviour)",
     )
     args = parser.parse_args(argv)
     if min(args.batches) < 1 or args.repeats < 1 or args.threads < 1 or args.size < 32:
@@ -594,10 +598,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         peer_variants += [] if "compile" in peer_variants else ["compile"]
     if args.paddle and "paddleclas" not in variants:
         variants.append("paddleclas")
-    from dsnet.engine.runtime import retain_freed_memory
-
-    global _MALLOC_RETAINED
-    _MALLOC_RETAINED = args.malloc == "retain" and retain_freed_memory()
+    memory = configure_memory(args.malloc)  # before the first tensor: torch reads its huge page switch once
     settings = replace(
         Settings(),
         batches=tuple(args.batches),
@@ -609,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         settle=args.settle,
         gemm_size=args.gemm_size,
     )
-    run(args.models, args.peers, settings, variants, peer_variants, args.output, args.artefacts)
+    run(args.models, args.peers, settings, variants, peer_variants, args.output, args.artefacts, memory)
 
 
 if __name__ == "__main__":

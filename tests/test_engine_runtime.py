@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -11,7 +12,15 @@ import pytest
 import torch
 
 from dsnet.engine.distributed import resolve_device
-from dsnet.engine.runtime import NonFiniteLossError, check_finite_loss, resolve_amp, seed_update, update_seed
+from dsnet.engine.runtime import (
+    NonFiniteLossError,
+    check_finite_loss,
+    configure_memory,
+    resolve_amp,
+    seed_update,
+    transparent_huge_pages,
+    update_seed,
+)
 from dsnet.errors import DSNetError
 
 
@@ -56,23 +65,77 @@ def test_seed_update_seeds_every_generator_the_same_way_each_time():
 
 _RSS_AFTER_FREE = """
 import os, sys, torch
-from dsnet.engine.runtime import retain_freed_memory
-applied = retain_freed_memory() if sys.argv[1] == "retain" else False
+from dsnet.engine.runtime import configure_memory
+print(configure_memory(sys.argv[1]))
 page = os.sysconf("SC_PAGE_SIZE")
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
 block = torch.ones(64 * 2**20 // 4)  # 64 MiB, above glibc's largest mmap threshold
 before_free = rss()
 del block
-print(applied, (before_free - rss()) / 2**20)
+print((before_free - rss()) / 2**20)
 """
 
 
-@pytest.mark.parametrize(("mode", "applied", "returned"), [("retain", True, False), ("default", False, True)])
-def test_freed_memory_stays_for_reuse_only_when_retained(mode, applied, returned):
-    """glibc unmaps a freed 64 MiB tensor at once (RSS drops by 64 MiB) unless retain_freed_memory ran (Linux)."""
-    out = subprocess.run(
-        [sys.executable, "-c", _RSS_AFTER_FREE, mode], capture_output=True, text=True, check=True
-    ).stdout.split()
-    assert out[0] == str(applied)
-    released_mib = float(out[1])
-    assert (released_mib > 60) == returned, released_mib
+def _in_fresh_process(script: str, *args: str, env: dict[str, str] | None = None) -> list[str]:
+    environ = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "DSNET_MALLOC")}
+    completed = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, env=environ | (env or {})
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout.strip().splitlines()
+
+
+@pytest.mark.parametrize(("mode", "returned"), [("retain", False), ("hugepages", True), ("libc", True)])
+def test_freed_memory_stays_for_reuse_only_when_retained(mode, returned):
+    """glibc unmaps a freed 64 MiB tensor at once (RSS drops by 64 MiB) unless the "retain" mode ran (Linux)."""
+    said, released_mib = _in_fresh_process(_RSS_AFTER_FREE, mode)
+    assert ("glibc keeps freed memory" in said) == (mode == "retain"), said
+    assert (float(released_mib) > 60) == returned, released_mib
+
+
+_HUGE_PAGES_AFTER_CLI = """
+import sys, torch
+from dsnet.cli.main import main
+try:
+    main(sys.argv[1:])  # parses, configures memory, prints the version, exits: as every dsnet command starts
+except SystemExit:
+    pass
+block = torch.ones(64 * 2**20 // 4)
+print(sum(int(line.split()[1]) for line in open("/proc/self/smaps") if line.startswith("AnonHugePages")) // 1024)
+"""
+
+
+@pytest.mark.parametrize(("malloc", "huge"), [(None, True), ("libc", False)])
+def test_the_dsnet_command_backs_large_tensors_with_huge_pages(malloc, huge):
+    """After the command's own imports and start-up, a 64 MiB tensor lies on 2 MB pages unless DSNET_MALLOC=libc
+    (needs the kernel to allow them: policy madvise, as on this project's machines, or always)."""
+    policy = transparent_huge_pages()
+    assert policy in ("always", "madvise", "never")
+    env = {} if malloc is None else {"DSNET_MALLOC": malloc}
+    huge_mib = _in_fresh_process(_HUGE_PAGES_AFTER_CLI, "--version", env=env)[-1]  # after the version line
+    expected = policy == "always" or (huge and policy == "madvise")
+    assert (int(huge_mib) >= 32) == expected, (policy, huge_mib)
+
+
+def test_an_unknown_memory_mode_is_a_one_line_error():
+    with pytest.raises(DSNetError, match=r"^DSNET_MALLOC='big' is not a memory mode; choose one of hugepages, retain"):
+        configure_memory("big", key="DSNET_MALLOC")
+    completed = subprocess.run(
+        [sys.executable, "-m", "dsnet.cli.main", "--version"],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"DSNET_MALLOC": "big"},
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.strip() == (
+        "dsnet: error: DSNET_MALLOC='big' is not a memory mode; choose one of hugepages, retain, libc"
+    )
+
+
+def test_the_huge_page_policy_is_read_from_the_bracketed_choice(tmp_path):
+    policy = tmp_path / "enabled"
+    policy.write_text("always [madvise] never\n")
+    assert transparent_huge_pages(str(policy)) == "madvise"
+    policy.write_text("[never]\n")
+    assert transparent_huge_pages(str(policy)) == "never"
+    assert transparent_huge_pages(str(tmp_path / "missing")) == "never"

@@ -15,6 +15,8 @@ from types import ModuleType
 import pytest
 import torch
 
+from dsnet.engine.runtime import configure_memory
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 
 
@@ -118,15 +120,16 @@ def test_cli_flags_reach_the_run(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(throughput, "run", lambda *args: seen.update(args=args))
     throughput.main(["--models", "dsnet_tiny", "--peers", "--variants", "eager", "fused", "--size", "64"])
-    models, peers, settings, variants, peer_variants, output, artefacts = seen["args"]
+    models, peers, settings, variants, peer_variants, output, artefacts, memory = seen["args"]
     assert (models, peers, variants, artefacts) == (["dsnet_tiny"], [], ["eager", "fused"], None)
+    assert memory == configure_memory("hugepages")  # the dsnet command's default, named in the table header
     assert (settings.size, settings.threads, settings.batches, settings.repeats) == (64, 2, (1, 16), 5)
     assert output == throughput.RESULTS / "throughput.md"
 
     argv = ["--batches", "4", "--threads", "1", "--repeats", "3", "--compile", "--paddle", "--output", str(tmp_path)]
-    throughput.main([*argv, "--artefacts", str(tmp_path / "a")])
-    models, peers, settings, variants, peer_variants, output, artefacts = seen["args"]
-    assert artefacts == tmp_path / "a"
+    throughput.main([*argv, "--artefacts", str(tmp_path / "a"), "--malloc", "libc"])
+    models, peers, settings, variants, peer_variants, output, artefacts, memory = seen["args"]
+    assert (artefacts, memory) == (tmp_path / "a", "C library default")
     assert (models, peers) == (list(throughput.OURS), list(throughput.PEERS))
     assert variants == [*throughput.DEFAULT_VARIANTS, "compile", "paddleclas"]
     assert peer_variants == [*throughput.DEFAULT_PEER_VARIANTS, "compile"]

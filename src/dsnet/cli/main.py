@@ -7,6 +7,10 @@ Modules import their heavy dependencies inside ``func`` so that ``dsnet --help``
 Errors: a :class:`~dsnet.errors.DSNetError` (bad input) or an :class:`OSError` (missing, unreadable or unwritable
 file) is printed as one line, ``dsnet: error: <message>``, with exit code 2. Anything else is a bug of dsnet and
 keeps its traceback, so that it gets reported rather than mistaken for a user error.
+
+Memory: CPU tensors of 2 MB and more get transparent huge pages (``DSNET_MALLOC=hugepages``, the default);
+``DSNET_MALLOC=retain`` also keeps freed memory for reuse, ``DSNET_MALLOC=libc`` leaves the C library's defaults
+(:func:`dsnet.engine.runtime.configure_memory`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dsnet.engine.runtime import retain_freed_memory
+from dsnet.engine.runtime import configure_memory
 from dsnet.errors import DSNetError
 
 #: Subcommand modules, in the order ``dsnet --help`` lists them.
@@ -72,10 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``dsnet`` command line; returns the process exit code."""
+    try:  # before any tensor is made: torch reads its huge page switch at its first CPU allocation
+        configure_memory(os.environ.get("DSNET_MALLOC", "hugepages"), key="DSNET_MALLOC")
+    except DSNetError as err:
+        print(f"dsnet: error: {err}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
-    if os.environ.get("DSNET_MALLOC") == "retain":  # opt-in: reuse large activations, keep the peak memory
-        retain_freed_memory()
     try:
         return int(args.func(args) or 0)
     except DSNetError as err:

@@ -1,7 +1,7 @@
 """Runtime choices shared by the classification and the detection training loops.
 
-CPU threads (:func:`auto_threads`, :func:`set_threads`), the C allocator's reuse of freed memory
-(:func:`retain_freed_memory`), the autocast dtype (:func:`resolve_amp`,
+CPU threads (:func:`auto_threads`, :func:`set_threads`), how CPU memory is allocated (:func:`configure_memory`:
+huge pages, reuse of freed memory), the autocast dtype (:func:`resolve_amp`,
 :func:`autocast_context`), the seeds drawn inside an update (:func:`update_seed`, :func:`seed_update`) and the stop on
 a non-finite loss (:func:`check_finite_loss`). Messages name the config key the caller passes (``key=``), so that a
 detection run is told about its own keys rather than the classification ones.
@@ -17,6 +17,7 @@ import platform
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,18 +27,22 @@ from dsnet.errors import DSNetError
 
 __all__ = [
     "AMP_MODES",
+    "MEMORY_MODES",
     "NonFiniteLossError",
     "auto_threads",
     "autocast_context",
     "busy_cores",
     "check_finite_loss",
+    "configure_memory",
     "cpu_has_native_bf16",
     "cpu_times",
     "resolve_amp",
     "retain_freed_memory",
     "seed_update",
     "set_threads",
+    "transparent_huge_pages",
     "update_seed",
+    "use_huge_pages",
 ]
 
 #: Values of the ``amp`` config key, see :func:`resolve_amp`.
@@ -189,6 +194,39 @@ def set_threads(requested: int | None, device: torch.device) -> None:
 
 #: glibc's ``mallopt`` parameters (malloc.h) and the value that turns both thresholds off (the largest it accepts)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _NO_THRESHOLD = -1, -3, 2**31 - 1
+#: the kernel's transparent huge page policy: ``always [madvise] never``, the bracketed one in force
+_THP_POLICY = "/sys/kernel/mm/transparent_hugepage/enabled"
+#: PyTorch's own switch (c10/core/alloc_cpu.cpp): CPU blocks of 2 MB and more are 2 MB aligned and ``madvise``d
+_TORCH_THP = "THP_MEM_ALLOC_ENABLE"
+
+#: Values of :func:`configure_memory` (and of ``DSNET_MALLOC`` for the ``dsnet`` command).
+MEMORY_MODES: tuple[str, ...] = ("hugepages", "retain", "libc")
+
+
+def transparent_huge_pages(policy_path: str = _THP_POLICY) -> str:
+    """The kernel's transparent huge page policy (``always``, ``madvise`` or ``never``; ``never`` off Linux)."""
+    try:
+        text = Path(policy_path).read_text()
+    except OSError:
+        return "never"
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else "never"
+
+
+def use_huge_pages() -> bool:
+    """Ask torch to back every CPU tensor of 2 MB or more with transparent huge pages.
+
+    Large activations are allocated and freed at every forward pass; glibc serves each with a fresh ``mmap`` and
+    the kernel then faults it in 4 kB page by 4 kB page. With huge pages it faults 2 MB at a time: dsnet_tiny alone
+    in a process (as ``dsnet predict``/``serve`` run it) went from 13.0-16.3 to 21.2-21.5 img/s at batch 16 on a
+    2-core machine (``benchmarks/throughput.py --models dsnet_tiny --peers --malloc libc`` against the default, two
+    alternating runs each), and memory is still returned to the system on free. This sets PyTorch's own switch,
+    ``THP_MEM_ALLOC_ENABLE=1``, which torch reads at its first CPU allocation: call it before any tensor is
+    made. A value the user already set wins. Returns whether huge pages are in effect (the kernel must allow them:
+    policy ``always`` or ``madvise``).
+    """
+    os.environ.setdefault(_TORCH_THP, "1")
+    return os.environ[_TORCH_THP] == "1" and transparent_huge_pages() != "never"
 
 
 def retain_freed_memory() -> bool:
@@ -196,19 +234,34 @@ def retain_freed_memory() -> bool:
 
     torch allocates CPU tensors with the C allocator. glibc serves every block above a threshold (at most 32 MB by
     default) with a fresh ``mmap`` and unmaps it on free, so each forward pass at batch 16 faults in its large
-    activations page by page again: a 1×1 convolution on a (16, 64, 56, 56) map spent most of its time in page
-    faults. With both of glibc's thresholds (mmap, trim) at their maximum, freed blocks stay in the process and are
-    reused. The cost: the process keeps its peak memory (per malloc arena) until it exits, and a process that holds
-    many models and runtime thread pools can grow far beyond what it uses (a benchmark process holding 13 models
-    and their ONNX Runtime / OpenVINO sessions reached 23 GB), so this is opt-in.
-
-    The ``dsnet`` command calls this at start when ``DSNET_MALLOC=retain`` is set (``benchmarks/throughput.py
-    --malloc retain`` does the same). Returns whether the setting was applied (never elsewhere than glibc).
+    activations again. With both of glibc's thresholds (mmap, trim) at their maximum, freed blocks stay in the
+    process and are reused. The cost: the process keeps its peak memory (per malloc arena) until it exits, and a
+    process that holds many models and runtime thread pools can grow far beyond what it uses (a benchmark process
+    holding 13 models and their ONNX Runtime / OpenVINO sessions reached 23 GB), so this is opt-in
+    (:func:`configure_memory` ``"retain"``). Returns whether the setting was applied (never elsewhere than glibc).
     """
     if platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, _NO_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _NO_THRESHOLD))
+
+
+def configure_memory(mode: str = "hugepages", key: str = "memory mode") -> str:
+    """Set how this process allocates CPU memory; returns what took effect, in words (for logs and table headers).
+
+    ``"hugepages"`` (the ``dsnet`` command's default): :func:`use_huge_pages`, bounded — freed memory goes back to
+    the system. ``"retain"``: huge pages and :func:`retain_freed_memory` (a little faster again, keeps the peak).
+    ``"libc"``: the C library's and kernel's defaults. Call it before the first tensor is made; ``key`` names the
+    setting in the error for an unknown mode (``DSNET_MALLOC`` for the command line).
+    """
+    if mode not in MEMORY_MODES:
+        raise DSNetError(f"{key}={mode!r} is not a memory mode; choose one of {', '.join(MEMORY_MODES)}")
+    done = []
+    if mode != "libc" and use_huge_pages():
+        done.append("torch huge pages")
+    if mode == "retain" and retain_freed_memory():
+        done.append("glibc keeps freed memory")
+    return ", ".join(done) or "C library default"
 
 
 def update_seed(seed: int, update: int, rank: int) -> int:
