@@ -97,7 +97,7 @@ _HUGE_PAGES_AFTER_CLI = """
 import sys, torch
 from dsnet.cli.main import main
 try:
-    main(sys.argv[1:])  # parses, configures memory, prints the version, exits: as every dsnet command starts
+    main(sys.argv[1:])  # parses, configures memory, runs the subcommand: as every dsnet command starts
 except SystemExit:
     pass
 block = torch.ones(64 * 2**20 // 4)
@@ -112,7 +112,7 @@ def test_the_dsnet_command_backs_large_tensors_with_huge_pages(malloc, huge):
     policy = transparent_huge_pages()
     assert policy in ("always", "madvise", "never")
     env = {} if malloc is None else {"DSNET_MALLOC": malloc}
-    huge_mib = _in_fresh_process(_HUGE_PAGES_AFTER_CLI, "--version", env=env)[-1]  # after the version line
+    huge_mib = _in_fresh_process(_HUGE_PAGES_AFTER_CLI, "info", env=env)[-1]  # after what info printed
     expected = policy == "always" or (huge and policy == "madvise")
     assert (int(huge_mib) >= 32) == expected, (policy, huge_mib)
 
@@ -121,7 +121,7 @@ def test_an_unknown_memory_mode_is_a_one_line_error():
     with pytest.raises(DSNetError, match=r"^DSNET_MALLOC='big' is not a memory mode; choose one of hugepages, retain"):
         configure_memory("big", key="DSNET_MALLOC")
     completed = subprocess.run(
-        [sys.executable, "-m", "dsnet.cli.main", "--version"],
+        [sys.executable, "-m", "dsnet.cli.main", "info"],
         capture_output=True,
         text=True,
         env=os.environ | {"DSNET_MALLOC": "big"},

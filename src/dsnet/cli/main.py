@@ -76,14 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``dsnet`` command line; returns the process exit code."""
-    try:  # before any tensor is made: torch reads its huge page switch at its first CPU allocation
-        configure_memory(os.environ.get("DSNET_MALLOC", "hugepages"), key="DSNET_MALLOC")
-    except DSNetError as err:
-        print(f"dsnet: error: {err}", file=sys.stderr)
-        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        # before any tensor is made: torch reads its huge page switch at its first CPU allocation
+        configure_memory(os.environ.get("DSNET_MALLOC", "hugepages"), key="DSNET_MALLOC")
         return int(args.func(args) or 0)
     except DSNetError as err:
         print(f"dsnet: error: {err}", file=sys.stderr)
