@@ -14,12 +14,16 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dsnet.data.images import ImageLoadError, load_image
 from dsnet.engine.inference import CheckpointInfo
 from dsnet.errors import DSNetError
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = ["CALIBRATION_METHODS", "quantize_onnx", "quantize_onnx_batches"]
 
@@ -68,6 +72,43 @@ def quantize_onnx(
     )
 
 
+def _unshare_biases(model: onnx.ModelProto) -> int:
+    """Give every node of the main graph its own copy of a bias initializer (input 2) that it shares with an earlier
+    node; returns how many copies were made.
+
+    ONNX Runtime's QDQ quantizer makes such a copy itself, but names it by appending a number to the initializer's name
+    (``val_30`` → ``val_301``) without checking the names that nodes produce, so in a torch.onnx graph, whose values
+    are all called ``val_<n>``, the copy can take the name of an activation and quantization fails ("shared mode is not
+    supported for weight"); GroupNorm(1) exports as InstanceNormalization nodes that all share one bias.
+    """
+    import onnx
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    taken = set(initializers) | {name for node in graph.node for name in (*node.input, *node.output)}
+    taken |= {value.name for value in (*graph.input, *graph.output)}
+    seen: set[str] = set()
+    copies = 0
+    for node in graph.node:
+        if len(node.input) < 3 or node.input[2] not in initializers:
+            continue
+        name = node.input[2]
+        if name not in seen:
+            seen.add(name)
+            continue
+        copy_name = f"{name}.bias_of.{node.name or copies}"
+        while copy_name in taken:
+            copy_name += "_"
+        copy = onnx.TensorProto()
+        copy.CopyFrom(initializers[name])
+        copy.name = copy_name
+        graph.initializer.append(copy)
+        taken.add(copy_name)
+        node.input[2] = copy_name
+        copies += 1
+    return copies
+
+
 def quantize_onnx_batches(
     onnx_path: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -81,6 +122,7 @@ def quantize_onnx_batches(
     Raises:
         DSNetError: an unknown calibration method.
     """
+    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -108,6 +150,9 @@ def quantize_onnx_batches(
     with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+        model = onnx.load(prepared)
+        if _unshare_biases(model):
+            onnx.save(model, prepared)
         quantize_static(
             str(prepared),
             str(output),
