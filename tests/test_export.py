@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import onnx
 import pytest
 import timm
 import torch
@@ -30,6 +31,10 @@ def test_export_dynamic_batch_and_size(name, tmp_path):
     # sizes the parity check did not try, down to the smallest input the zoo accepts
     for check in check_onnx(model, report.path, [(1, 3, 96, 160), (1, 3, 32, 32)]):
         assert check.max_abs_diff <= 1e-4, check
+    if name == "transxnet_t":
+        # IDConv's per-sample kernels: one Scan of a depth-wise Conv per block, not K² tap products
+        ops = [node.op_type for node in onnx.load(report.path).graph.node]
+        assert ops.count("Scan") == 4, ops
 
 
 @pytest.mark.slow

@@ -18,7 +18,12 @@ import dsnet  # noqa: F401  (registers the models)
 from _official_checkpoints import transxnet_t_official_state_dict
 from dsnet.bench.complexity import count_macs, count_params
 from dsnet.export.onnx import check_onnx, export_onnx
-from dsnet.layers.per_sample_conv import _grouped_conv, _tap_products, per_sample_depthwise_conv2d
+from dsnet.layers.per_sample_conv import (
+    _grouped_conv,
+    _scanned_conv,
+    _tap_products,
+    per_sample_depthwise_conv2d,
+)
 from dsnet.models.transxnet import TransXNet, checkpoint_filter_fn, resize_relative_pos_bias
 
 # Parameter counts of the official models (LMMMEng/TransXNet, built with mmcv), in millions.
@@ -96,9 +101,10 @@ def test_per_sample_depthwise_conv_matches_one_conv_per_sample():
         [F.conv2d(x[b : b + 1], weight[b].unsqueeze(1), bias[b], padding=3, groups=5) for b in range(3)]
     )
     torch.testing.assert_close(per_sample_depthwise_conv2d(x, weight, bias), expected)
-    # the export formulation (one-hot tap conv) gives the same result, with and without bias
-    torch.testing.assert_close(_tap_products(x, weight, bias), _grouped_conv(x, weight, bias))
-    torch.testing.assert_close(_tap_products(x, weight, None), _grouped_conv(x, weight, None))
+    # both export formulations (scan over the batch, one-hot tap products) agree, with and without bias
+    for export_form in (_scanned_conv, _tap_products):
+        torch.testing.assert_close(export_form(x, weight, bias), _grouped_conv(x, weight, bias))
+        torch.testing.assert_close(export_form(x, weight, None), _grouped_conv(x, weight, None))
 
 
 def test_idconv_kernels_depend_on_the_input():

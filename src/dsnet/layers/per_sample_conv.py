@@ -4,9 +4,11 @@ Dynamic convolutions (IDConv of TransXNet, DyConv, ...) predict their kernels fr
 has its own depth-wise kernel. The usual trick folds the batch into the channels and runs one grouped
 convolution with ``groups = B·C``; it is the fastest form in eager PyTorch, but ``groups`` is a static
 attribute of an ONNX ``Conv``, so an export with a dynamic batch dimension cannot use it. While exporting
-(``torch.export`` / ``torch.onnx.export``) or tracing, we therefore use an equivalent formulation whose
-operators do not depend on the batch size: a fixed depth-wise convolution with one-hot kernels (groups = C)
-lays out the ``K²`` shifted copies of the input, which are weighted by the per-sample kernel taps and summed.
+(``torch.export`` / ``torch.onnx.export``) we therefore scan over the batch: one depth-wise convolution
+(groups = C) per sample, its kernel an input of the loop body, which ONNX expresses as a ``Scan`` whose body
+holds a single ``Conv``. ``torch.jit`` tracing has no scan; there a fixed depth-wise convolution with one-hot
+kernels lays out the ``K²`` shifted copies of the input, which are weighted by the per-sample kernel taps and
+summed. Both forms export with a dynamic batch; the scan does ``K²`` times less work than the tap products.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
+from torch._higher_order_ops.scan import scan
 
 __all__ = ["per_sample_depthwise_conv2d"]
 
@@ -43,6 +46,19 @@ def _tap_products(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out if bias is None else out + bias[:, :, None, None]
 
 
+def _scanned_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    channels = x.shape[1]
+    padding = weight.shape[-1] // 2
+
+    def one_sample(carry: torch.Tensor, sample: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        image, kernels = sample  # (C, H, W), (C, K, K)
+        out = F.conv2d(image[None], kernels[:, None], padding=padding, groups=channels)[0]
+        return carry.clone(), out  # the carry is unused; scan needs one and may not alias it
+
+    _, out = scan(one_sample, x.new_zeros(()), (x, weight))
+    return out if bias is None else out + bias[:, :, None, None]
+
+
 @register_notrace_function
 def per_sample_depthwise_conv2d(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
@@ -58,9 +74,9 @@ def per_sample_depthwise_conv2d(
         Tensor of shape (B, C, H, W).
 
     Eager mode runs one grouped convolution (``groups = B·C``). Under ``torch.export`` (which
-    ``torch.onnx.export(dynamo=True)`` uses) or ``torch.jit`` tracing it runs the batch-size independent
-    formulation of the module docstring instead, which exports to ONNX with a dynamic batch size.
-    Both agree to float rounding.
+    ``torch.onnx.export(dynamo=True)`` uses) it scans a depth-wise convolution over the batch, under
+    ``torch.jit`` tracing it sums one-hot tap products (see the module docstring); both export to ONNX with a
+    dynamic batch size. All three agree to float rounding.
 
     Example:
         >>> x = torch.randn(2, 3, 8, 8)
@@ -69,6 +85,8 @@ def per_sample_depthwise_conv2d(
         >>> torch.allclose(per_sample_depthwise_conv2d(x, w), 2 * x)
         True
     """
-    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+    if torch.compiler.is_exporting():
+        return _scanned_conv(x, weight, bias)
+    if torch.jit.is_tracing():
         return _tap_products(x, weight, bias)
     return _grouped_conv(x, weight, bias)
