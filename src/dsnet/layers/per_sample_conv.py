@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
-from torch._higher_order_ops.scan import scan
+from torch._higher_order_ops.scan import scan  # private in torch 2.14, but what torch.export lowers to ONNX Scan
 
 __all__ = ["per_sample_depthwise_conv2d"]
 
