@@ -122,5 +122,11 @@ def test_backend_errors_are_one_line(exported, capsys, tmp_path):
     assert "lonely.onnx.json" in capsys.readouterr().err
     assert main(["export", str(run_dir), str(tmp_path / "m.int8.onnx"), "--int8"]) == 2
     assert "--calib" in capsys.readouterr().err
+    unreadable = tmp_path / "calib"
+    unreadable.mkdir()
+    (unreadable / "a.jpg").write_text("not an image")
+    assert main(["export", str(run_dir), str(tmp_path / "m.int8.onnx"), "--int8", "--calib", str(unreadable)]) == 2
+    assert "none of the 1 calibration images could be read" in capsys.readouterr().err
+    assert not (tmp_path / "m.int8.onnx").exists()
     assert main(["export", str(run_dir), str(tmp_path / "m.pt")]) == 2
     assert "must end in .onnx" in capsys.readouterr().err

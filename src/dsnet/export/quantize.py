@@ -62,11 +62,16 @@ def quantize_onnx(
     """Write the int8 QDQ form of ``onnx_path`` to ``output``, calibrated on up to ``max_images`` of ``files``.
 
     Raises:
-        DSNetError: no image given, or an unknown calibration method.
+        DSNetError: no image given, none of them readable, or an unknown calibration method.
     """
     if not files:
         raise DSNetError("int8 calibration needs images: point --calib at a folder of images like the inputs")
     chosen = list(files)[:max_images]
+    if next(_calibration_batches(chosen, info, 1), None) is None:  # stops at the first readable image
+        raise DSNetError(
+            f"int8 calibration: none of the {len(chosen)} calibration images could be read as an image "
+            f"(first: {chosen[0]}); point --calib at a folder of images like the inputs"
+        )
     return quantize_onnx_batches(
         onnx_path, output, lambda: _calibration_batches(chosen, info, batch_size), method=method
     )
