@@ -7,7 +7,14 @@ import pytest
 from dsnet.cli.main import main
 
 
-@pytest.mark.parametrize("argv", [["predict", "run", "x.png", "--top-k", "0"], ["eval", "run", "--batch-size=-3"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["predict", "run", "x.png", "--top-k", "0"],
+        ["eval", "run", "--batch-size=-3"],
+        ["export", "dsnet_tiny", "m.int8.onnx", "--int8", "--calib", "images", "--calib-images", "0"],
+    ],
+)
 def test_counts_must_be_positive(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
@@ -75,3 +82,11 @@ def test_runtime_loader_raises_the_user_error_type(tmp_path, capsys):
         read_artefact_info(model)
     assert main(["predict", str(model), str(model), "--backend", "torch"]) == 2
     assert "is an exported artefact: run it with --backend onnxruntime" in capsys.readouterr().err
+
+
+def test_quantize_onnx_needs_at_least_one_image(tmp_path):
+    from dsnet.errors import DSNetError
+    from dsnet.export.quantize import quantize_onnx
+
+    with pytest.raises(DSNetError, match="max_images=0"):
+        quantize_onnx(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", [tmp_path / "a.png"], None, max_images=0)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from dsnet.cli.main import positive_int
+
 
 def _parse_size(text: str) -> tuple[int, int]:
     parts = text.lower().replace("×", "x").split("x")
@@ -81,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-fuse", action="store_true", help="export the model as built, BatchNorms not folded")
     p.add_argument("--int8", action="store_true", help="int8 static post-training quantization (QDQ)")
     p.add_argument("--calib", help="folder (or file) of calibration images for --int8")
-    p.add_argument("--calib-images", type=int, default=512, help="at most this many calibration images (512)")
+    p.add_argument("--calib-images", type=positive_int, default=512, help="at most this many calibration images (512)")
     p.add_argument("--calib-method", choices=("minmax", "percentile", "entropy"), default="minmax")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--threads", type=int, help="torch / runtime CPU threads")

@@ -62,8 +62,11 @@ def quantize_onnx(
     """Write the int8 QDQ form of ``onnx_path`` to ``output``, calibrated on up to ``max_images`` of ``files``.
 
     Raises:
-        DSNetError: no image given, none of them readable, or an unknown calibration method.
+        DSNetError: no image given, ``max_images`` below 1, none of the images readable, or an unknown calibration
+            method.
     """
+    if max_images < 1:
+        raise DSNetError(f"int8 calibration needs at least 1 image, got max_images={max_images}")
     if not files:
         raise DSNetError("int8 calibration needs images: point --calib at a folder of images like the inputs")
     chosen = list(files)[:max_images]
